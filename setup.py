@@ -36,6 +36,7 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["thinkv = vllm_thinkv.plugin:register"],
+        "vllm.platform_plugins": ["thinkv = vllm_thinkv.platform:cpu_platform"],
         "console_scripts": ["thinkv = vllm_thinkv.cli:main"],
     },
 )

@@ -1,0 +1,97 @@
+"""Helpers for end-to-end tests: run a vLLM engine in a subprocess, compare outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# One engine configuration for every comparison: fp32 so that stock and thinkv
+# differ only by summation order; block 32 because stock CPU attention needs
+# multiples of 32; a small token budget so long prompts are prefilled in chunks
+# while short ones already decode (mixed batches).
+ENGINE = {
+    "dtype": "float32",
+    "max_model_len": 2048,
+    "block_size": 32,
+    "max_num_seqs": 8,
+    "max_num_batched_tokens": 128,
+    "enforce_eager": True,
+    "seed": 0,
+}
+
+BASE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; also skips vLLM's NUMA free-memory check
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # for the apply_model probe
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+}
+
+
+class EngineFailed(RuntimeError):
+    def __init__(self, returncode: int, log: str):
+        super().__init__(f"engine process exited with {returncode}; log tail:\n{log[-4000:]}")
+        self.log = log
+
+
+def run_engine(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
+    """Run `tests.vllm.run_llm` with SPEC in a fresh process; return its JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec_path.write_text(json.dumps(spec))
+        proc_env = {**os.environ, **BASE_ENV, **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.vllm.run_llm", str(spec_path), str(out_path)],
+            cwd=REPO,
+            env=proc_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0 or not out_path.exists():
+            raise EngineFailed(proc.returncode, proc.stdout + proc.stderr)
+        return json.loads(out_path.read_text())
+
+
+def prompts_from_text(tokenizer, text: str, lengths: list[int], offset: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths cut from consecutive parts of `text`."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][offset:]
+    prompts, pos = [], 0
+    for n in lengths:
+        prompts.append(ids[pos : pos + n])
+        pos += n
+    return prompts
+
+
+def assert_greedy_equal(stock: list[dict], other: list[dict], tie_tol: float = 1e-4, logprob_tol: float = 1e-3):
+    """Greedy outputs must be token-for-token identical, except where the stock
+    run's top-two log-probs tie within `tie_tol`: there the two runs may pick
+    different tokens, so their log-probs for both tokens are compared instead and
+    the rest of that sequence (now a different context) is not compared.
+    Log-probs of every compared token must agree within `logprob_tol`."""
+    assert len(stock) == len(other)
+    for n, (a, b) in enumerate(zip(stock, other)):
+        assert a["prompt_token_ids"] == b["prompt_token_ids"]
+        for i, (ta, tb) in enumerate(zip(a["token_ids"], b["token_ids"])):
+            lp_a, lp_b = a["logprobs"][i], b["logprobs"][i]
+            if ta != tb:
+                top = sorted(lp_a.values(), reverse=True)
+                margin = top[0] - top[1] if len(top) > 1 else math.inf
+                assert margin < tie_tol, (
+                    f"request {n}: token {i} differs ({ta} vs {tb}) although stock's top-2 "
+                    f"margin is {margin:.3g} (not a tie)"
+                )
+                for tok in (str(ta), str(tb)):
+                    if tok in lp_a and tok in lp_b:
+                        assert abs(lp_a[tok] - lp_b[tok]) < logprob_tol
+                break
+            assert abs(lp_a[str(ta)] - lp_b[str(tb)]) < logprob_tol, (
+                f"request {n}: token {i} log-prob {lp_a[str(ta)]} vs {lp_b[str(tb)]}"
+            )

@@ -1,0 +1,11 @@
+"""Functions the tests run inside a vLLM worker with `LLM.apply_model` (they
+must live in an importable module, not in `__main__`)."""
+
+
+def attention_classes(model) -> list[str]:
+    """Which attention impl class each attention layer of the worker's model uses."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return sorted(
+        {f"{type(m.impl).__module__}.{type(m.impl).__qualname__}" for m in model.modules() if isinstance(m, Attention)}
+    )

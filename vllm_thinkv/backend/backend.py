@@ -1,0 +1,134 @@
+"""`ThinKVBackend`: what the thinkv backend supports, stated explicitly.
+
+vLLM's own selector (on CUDA) calls these capability methods and rejects an
+unsupported configuration before the model is built; the impl re-checks what
+the selector does not see (CPU skips selection) with messages that name the
+problem and what is supported.
+
+Head sizes: vLLM passes the QK head size (`head_size` = r) here; the V head
+size d arrives with the layer's KV-cache spec and is checked in `customize_spec`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
+
+from vllm_thinkv.errors import ThinKVError
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_interface import AttentionSpec
+
+BACKEND_PATH = "vllm_thinkv.backend.backend.ThinKVBackend"
+
+# What the kernels implement (see `vllm_thinkv.kernels`).
+QK_HEAD_SIZES = tuple(range(8, 257, 8))
+V_HEAD_SIZES = (64, 128, 256)
+BLOCK_SIZE_MULTIPLE = 16
+
+
+def check_qk_head_size(head_size: int) -> None:
+    if head_size not in QK_HEAD_SIZES:
+        raise ThinKVError(
+            f"thinkv backend: query/key head size {head_size} is not supported "
+            f"(supported: multiples of 8 from 8 to 256)"
+        )
+
+
+def check_v_head_size(head_size_v: int) -> None:
+    if head_size_v not in V_HEAD_SIZES:
+        raise ThinKVError(
+            f"thinkv backend: value head size {head_size_v} is not supported "
+            f"(supported: {', '.join(map(str, V_HEAD_SIZES))})"
+        )
+
+
+class ThinKVBackend(AttentionBackend):
+    """Paged attention with QK head size r and V head size d (DiffKV cache layout)."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    # No quantised KV cache: the kernels read K and V in the model dtype.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    # KV writes happen in `do_kv_cache_update`, before `forward`.
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        # Must name an existing enum member: `thinkv` is an alias of CUSTOM
+        # (see `vllm_thinkv.plugin`), which pickles safely under `spawn`.
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        from vllm_thinkv.backend.impl import ThinKVImpl
+
+        return ThinKVImpl
+
+    @staticmethod
+    def get_builder_cls():
+        from vllm_thinkv.backend.metadata import ThinKVMetadataBuilder
+
+        return ThinKVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size % BLOCK_SIZE_MULTIPLE == 0
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return head_size in QK_HEAD_SIZES
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_alibi_sqrt(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_mm_prefix(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_rswa(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_batch_invariance(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        # Untested with KV transfer connectors; refuse rather than guess.
+        return False
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        # The kernels take arbitrary strides: any layout vLLM prefers.
+        return None
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # The one place vLLM shows the backend the V head size before allocation.
+        check_qk_head_size(spec.head_size)
+        check_v_head_size(spec.head_size_v)
+        return spec

@@ -1,0 +1,130 @@
+"""`ThinKVImpl`: writes new K/V into the packed DiffKV cache and runs paged attention.
+
+The per-layer cache vLLM hands us is the logical view
+`[num_blocks, num_kv_heads, block_size, r + d]` of one packed buffer (any
+physical layout); K is `[..., :r]`, V is `[..., r:]`. The ops take these as
+strided views, so nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
+
+from vllm_thinkv.backend.backend import check_qk_head_size
+from vllm_thinkv.backend.metadata import ThinKVMetadata
+from vllm_thinkv.backend.ops import select_ops
+from vllm_thinkv.errors import ThinKVError
+
+logger = init_logger(__name__)
+
+
+def _unsupported(feature: str) -> ThinKVError:
+    return ThinKVError(
+        f"thinkv backend does not support {feature}. Supported: decoder-only causal "
+        "self-attention without sliding window, ALiBi, sinks or logit soft-capping, "
+        "with an fp16/bf16/fp32 KV cache (kv-cache-dtype auto/float16/bfloat16)"
+    )
+
+
+class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra_impl_args,
+    ) -> None:
+        # Reject what the kernels do not implement, at model construction
+        # (start-up), never mid-request. On CUDA vLLM's selector has already
+        # checked the capability methods; on CPU nothing else checks.
+        if attn_type != AttentionType.DECODER:
+            raise _unsupported(f"attention type {attn_type!r}")
+        if sliding_window is not None:
+            raise _unsupported(f"sliding-window attention (window {sliding_window})")
+        if alibi_slopes is not None:
+            raise _unsupported("ALiBi")
+        if logits_soft_cap:
+            raise _unsupported(f"logit soft-capping ({logits_soft_cap})")
+        if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
+            raise _unsupported(f"kv-cache-dtype {kv_cache_dtype!r}")
+        if kv_sharing_target_layer_name is not None:
+            raise _unsupported("cross-layer KV-cache sharing")
+        if extra_impl_args.get("sinks") is not None:
+            raise _unsupported("attention sinks")
+        if extra_impl_args.get("chunk_lookback", -1) > -1:
+            raise _unsupported("chunked attention with lookback")
+        unknown = {k: v for k, v in extra_impl_args.items() if k not in ("sinks", "chunk_lookback") and v}
+        if unknown:
+            raise _unsupported(f"the attention options {sorted(unknown)}")
+        # d is checked against the cache spec in ThinKVBackend.customize_spec.
+        check_qk_head_size(head_size)
+
+        self.num_heads = num_heads
+        self.head_size = head_size  # r, the query/key size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.ops = select_ops(torch.device("cpu" if current_platform.is_cpu() else "cuda"))
+        logger.info_once("thinkv attention backend: %s ops", self.ops.name)
+
+    def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, Hkv, N, r + d] -> K [B, N, Hkv, r], V [B, N, Hkv, d] (views)."""
+        kv = kv_cache.transpose(1, 2)
+        return kv[..., : self.head_size], kv[..., self.head_size :]
+
+    def do_kv_cache_update(
+        self,
+        layer: AttentionLayer,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        n = slot_mapping.shape[0]
+        key_cache, value_cache = self._split_cache(kv_cache)
+        self.ops.write_kv(key[:n], value[:n], key_cache, value_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: ThinKVMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query [T, H, r] -> output [T, H, d] (written in place)."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("thinkv backend: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = self._split_cache(kv_cache)
+        self.ops.paged_attention(
+            query[:n],
+            key_cache,
+            value_cache,
+            attn_metadata.block_table,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            self.scale,
+            out=output[:n],
+            max_seqlen_q=attn_metadata.max_query_len,
+            max_seqlen_k=attn_metadata.max_seq_len,
+        )
+        return output

