@@ -1,0 +1,96 @@
+"""Registration, name resolution and capability gating, in-process (no engine)."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from vllm.config.attention import AttentionConfig
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.attention.selector import AttentionSelectorConfig
+
+from vllm_thinkv import plugin
+from vllm_thinkv.backend import BACKEND_PATH, ThinKVBackend
+from vllm_thinkv.platform import ThinKVCpuPlatform, cpu_platform
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    plugin.register()
+
+
+def test_register_is_idempotent_and_resolves_any_case():
+    plugin.register()
+    plugin.register()
+    for name in ("thinkv", "THINKV", "ThinKV"):
+        assert AttentionConfig(backend=name).backend is AttentionBackendEnum.CUSTOM
+    assert AttentionBackendEnum.CUSTOM.get_class() is ThinKVBackend
+
+
+def test_register_never_raises(monkeypatch):
+    import vllm.v1.attention.backends.registry as registry
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("registry exploded")
+
+    monkeypatch.setattr(registry, "register_backend", broken)
+    plugin.register()  # logs the failure instead of raising into vLLM's start-up
+    assert calls
+
+
+def test_selected_backend_pickles_as_a_stock_member():
+    """What makes `--attention-backend thinkv` spawn-safe: the config carries CUSTOM,
+    which a fresh process with no plugins loaded can unpickle."""
+    payload = pickle.dumps(AttentionConfig(backend="thinkv").backend)
+    code = (
+        "import pickle, sys; from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
+        "assert pickle.loads(sys.stdin.buffer.read()) is E.CUSTOM"
+    )
+    subprocess.run([sys.executable, "-c", code], input=payload, check=True, env={**os.environ, "VLLM_PLUGINS": ""})
+
+
+def selector(**overrides) -> AttentionSelectorConfig:
+    return AttentionSelectorConfig(head_size=64, dtype=torch.float32, kv_cache_dtype="auto", block_size=32,
+                                   **overrides)
+
+
+def test_cpu_platform_routes_only_a_thinkv_selection():
+    stock = AttentionBackendEnum.CPU_ATTN.get_path()
+    assert ThinKVCpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, selector()) == BACKEND_PATH
+    assert ThinKVCpuPlatform.get_attn_backend_cls(None, selector()) == stock
+    assert ThinKVCpuPlatform.get_attn_backend_cls(AttentionBackendEnum.TRITON_ATTN, selector()) == stock
+
+
+def test_platform_plugin_activates_only_where_stock_cpu_platform_would():
+    from vllm.platforms import cpu_platform_plugin
+
+    expected = "vllm_thinkv.platform.ThinKVCpuPlatform" if cpu_platform_plugin() == "vllm.platforms.cpu.CpuPlatform" else None
+    assert cpu_platform() == expected
+
+
+def reasons(**overrides) -> list[str]:
+    args = dict(head_size=32, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16, use_mla=False,
+                has_sink=False, use_sparse=False, use_mm_prefix=False, use_per_head_quant_scales=False,
+                device_capability=DeviceCapability(9, 0), attn_type="decoder")
+    return ThinKVBackend.validate_configuration(**{**args, **overrides})
+
+
+def test_capabilities_seen_by_vllm_selector():
+    """On CUDA vLLM validates an explicitly selected backend with these methods."""
+    assert reasons() == []
+    assert reasons(head_size=16) == []  # thin keys below vLLM's own Triton minimum of 32
+    assert reasons(head_size=8) == []
+    assert "head_size not supported" in reasons(head_size=12)
+    assert "head_size not supported" in reasons(head_size=264)
+    assert "kv_cache_dtype not supported" in reasons(kv_cache_dtype="fp8")
+    assert "block_size not supported" in reasons(block_size=24)
+    assert "sliding window not supported" in reasons(has_sliding_window=True)
+    assert "attention sinks not supported" in reasons(has_sink=True)
+    assert "attention type encoder_only not supported" in reasons(attn_type="encoder_only")
+    assert "MLA not supported" in reasons(use_mla=True)
