@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
 BACKEND_ALIAS = "THINKV"
 
@@ -48,6 +48,30 @@ def _register_backend() -> None:
         )
         return
     register_backend(custom, BACKEND_PATH)
+    if not _cpu_routing_available():
+        return
     # The alias: AttentionBackendEnum["THINKV"] is CUSTOM (enum members are
     # looked up in _member_map_; `register()` writes the same map).
     AttentionBackendEnum._member_map_.setdefault(BACKEND_ALIAS, custom)
+
+
+def _cpu_routing_available() -> bool:
+    """On CPU, thinkv needs our platform plugin; without it a thinkv selection would
+    silently run vLLM's CPU attention, so the name is left unregistered (vLLM then
+    rejects `--attention-backend thinkv` as unknown) and the reason is logged."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return True
+    from vllm_thinkv.platform import ThinKVCpuPlatform
+
+    if isinstance(current_platform, ThinKVCpuPlatform):
+        return True
+    logger.error(
+        "vllm-thinkv: vLLM is using %s, not the thinkv CPU platform plugin, so it would ignore "
+        "`--attention-backend thinkv`; the thinkv backend is unavailable. Platform plugins are "
+        "skipped when VLLM_TARGET_DEVICE=cpu is set or VLLM_PLUGINS omits `thinkv`; the plugin "
+        "supports vLLM's stock CpuPlatform only.",
+        type(current_platform).__name__,
+    )
+    return False

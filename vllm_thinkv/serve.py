@@ -32,7 +32,11 @@ def with_thinkv_backend(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     from vllm.entrypoints.cli import serve as serve_cli
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    try:
+        from vllm.entrypoints.common.startup import cli_env_setup  # vLLM >= 0.33
+    except ImportError:
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup  # vLLM 0.32
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 

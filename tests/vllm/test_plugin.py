@@ -82,15 +82,36 @@ def reasons(**overrides) -> list[str]:
 
 
 def test_capabilities_seen_by_vllm_selector():
-    """On CUDA vLLM validates an explicitly selected backend with these methods."""
+    """On CUDA vLLM validates an explicitly selected backend with these methods and
+    raises with the reasons: each must say what thinkv supports."""
     assert reasons() == []
     assert reasons(head_size=16) == []  # thin keys below vLLM's own Triton minimum of 32
     assert reasons(head_size=8) == []
-    assert "head_size not supported" in reasons(head_size=12)
-    assert "head_size not supported" in reasons(head_size=264)
-    assert "kv_cache_dtype not supported" in reasons(kv_cache_dtype="fp8")
-    assert "block_size not supported" in reasons(block_size=24)
-    assert "sliding window not supported" in reasons(has_sliding_window=True)
-    assert "attention sinks not supported" in reasons(has_sink=True)
-    assert "attention type encoder_only not supported" in reasons(attn_type="encoder_only")
-    assert "MLA not supported" in reasons(use_mla=True)
+    cases = {
+        "head_size not supported: thinkv backend: query/key head size must be a multiple of 8": dict(head_size=12),
+        "head_size not supported: thinkv": dict(head_size=264),
+        "kv_cache_dtype not supported: thinkv backend does not support this kv-cache-dtype": dict(kv_cache_dtype="fp8"),
+        "block_size not supported: thinkv backend: block size must be a multiple of 16": dict(block_size=24),
+        "sliding window not supported: thinkv backend does not support sliding-window attention":
+            dict(has_sliding_window=True),
+        "attention sinks not supported: thinkv": dict(has_sink=True),
+        "attention type encoder_only not supported (thinkv backend)": dict(attn_type="encoder_only"),
+        "MLA not supported: thinkv": dict(use_mla=True),
+    }
+    for expected, overrides in cases.items():
+        got = reasons(**overrides)
+        assert len(got) == 1 and got[0].startswith(expected), (overrides, got)
+
+
+def test_no_silent_cpu_fallback_when_platform_plugins_are_skipped():
+    """VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins, so the CPU platform would
+    ignore a thinkv selection: the name must then be refused, with the reason logged."""
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+        "from vllm.config.attention import AttentionConfig\n"
+        "try:\n    AttentionConfig(backend='thinkv')\nexcept Exception as e:\n    print('REFUSED:', e)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"})
+    assert "REFUSED:" in proc.stdout and "Unknown attention backend: 'THINKV'" in proc.stdout
+    assert "not the thinkv CPU platform plugin" in proc.stdout + proc.stderr

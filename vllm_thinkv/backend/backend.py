@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 BACKEND_PATH = "vllm_thinkv.backend.backend.ThinKVBackend"
 
+# vLLM's selector (CUDA) reports generic reasons; say what thinkv supports instead.
+THINKV_REASONS = {
+    "head_size not supported": "thinkv backend: query/key head size must be a multiple of 8 from 8 to 256",
+    "dtype not supported": "thinkv backend supports float16, bfloat16 and float32 models",
+    "kv_cache_dtype not supported": "thinkv backend does not support this kv-cache-dtype (supported: auto, float16, bfloat16)",
+    "block_size not supported": "thinkv backend: block size must be a multiple of 16",
+    "sliding window not supported": "thinkv backend does not support sliding-window attention",
+    "attention sinks not supported": "thinkv backend does not support attention sinks",
+    "MLA not supported": "thinkv backend does not support MLA models",
+    "KV connector not supported": "thinkv backend does not support KV-transfer connectors",
+}
+
 # What the kernels implement (see `vllm_thinkv.kernels`).
 QK_HEAD_SIZES = tuple(range(8, 257, 8))
 V_HEAD_SIZES = (64, 128, 256)
@@ -125,6 +137,12 @@ class ThinKVBackend(AttentionBackend):
     def supported_kv_cache_layouts(cls):
         # The kernels take arbitrary strides: any layout vLLM prefers.
         return None
+
+    @classmethod
+    def validate_configuration(cls, **kwargs) -> list[str]:
+        """vLLM's reasons (it calls this with keywords only), with thinkv's explanation."""
+        reasons = super().validate_configuration(**kwargs)
+        return [f"{r}: {THINKV_REASONS[r]}" if r in THINKV_REASONS else f"{r} (thinkv backend)" for r in reasons]
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:

@@ -18,7 +18,7 @@ from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.errors import ThinKVError
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
 
 def _unsupported(feature: str) -> ThinKVError:
