@@ -1,1 +1,15 @@
-"""placeholder"""
+"""Paged attention and KV-cache writes for thin keys (q/k: r dims, v: d dims).
+
+`paged_attention` / `write_kv` are the Triton ops (CUDA, or the Triton interpreter);
+`paged_attention_torch` / `write_kv_torch` are the same ops in vectorised torch for
+CPU serving; `reference` holds the float64 oracles the tests compare both against.
+`launch` is the tuning table, `testing` builds poisoned random paged batches.
+This package never imports vLLM.
+"""
+
+from . import reference
+from .attention import paged_attention
+from .torch_ops import paged_attention_torch, write_kv_torch
+from .write_kv import write_kv
+
+__all__ = ["paged_attention", "paged_attention_torch", "reference", "write_kv", "write_kv_torch"]

@@ -1,0 +1,444 @@
+"""Benchmark the thin-key paged-attention kernels; writes JSON + markdown + PNG.
+
+On a CUDA device it (a) checks correctness in bf16 against the float64 reference,
+(b) measures device-to-device copy bandwidth as the roof, (c) times decode (batch 1..256,
+context 1k..32k, 32 query / 8 KV heads, d = 128, r in {16, 32, 64, 128}) and prefill,
+reporting microseconds, GB/s of KV actually read, fraction of the roof, the speedup of
+r < d over r = d with the same kernel, and the speedup over
+`torch.nn.functional.scaled_dot_product_attention` (flash backend) on equivalent dense
+KV at r = d (flash needs equal q/k and v dims; it is the practical baseline).
+On a CPU it times the torch path (`paged_attention_torch`, the CPU serving path) per
+layer call at SmolLM2-135M shapes (9 query / 3 KV heads, d = 64, block size 16).
+
+    python benchmarks/kernels.py                          # full run, results in benchmarks/results/
+    python benchmarks/kernels.py --dry-run --out /tmp/x   # tiny end-to-end run of every section
+
+GPU times are CUDA-graph replays (`triton.testing.do_bench_cudagraph`: kernel time
+without Python launch overhead, median). KV that fits in L2 (50 MB on H100) can exceed
+the HBM roof at the smallest sizes; the targets are evaluated at batch 64 x 4k (>= 600 MB
+of KV). In a CPU dry run the Triton kernels run in the interpreter: those times mean
+nothing. Does not import vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from vllm_thinkv.kernels import paged_attention, paged_attention_torch, reference  # noqa: E402
+from vllm_thinkv.kernels.testing import PagedBatch, packed_kv_cache, random_paged_batch  # noqa: E402
+
+TARGETS = {
+    "decode_roof_fraction_b64_4k": 0.80,
+    "decode_speedup_r32_over_r128_b64_4k": 1.45,
+    "decode_r128_vs_sdpa_b64_4k": 1.0,
+}
+BF16_TOLERANCE = 1e-2  # as tests/kernels/helpers.py
+
+
+@dataclass(frozen=True)
+class Sizes:
+    num_heads: int
+    num_kv_heads: int
+    d: int
+    ranks: tuple[int, ...]
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    max_tokens: int  # cap on batch x context (memory: KV plus SDPA's dense copy)
+    prefill: tuple[tuple[int, int, int], ...]  # (sequences, new tokens, cached tokens)
+    block_size: int
+    copy_bytes: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class CpuSizes:
+    """The torch path at SmolLM2-135M attention shapes."""
+
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    d: int = 64
+    ranks: tuple[int, ...] = (64, 32)
+    cases: tuple[tuple[str, int, int, int], ...] = (("prefill", 1, 4096, 4096), ("decode", 32, 1, 2048))
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    block_size: int = 16
+
+
+GPU_FULL = Sizes(32, 8, 128, (16, 32, 64, 128), (1, 4, 16, 64, 256), (1024, 4096, 16384, 32768), 1 << 21,
+                 ((1, 4096, 0), (1, 16384, 0), (4, 2048, 2048)), 16, 1 << 30, torch.bfloat16)
+GPU_DRY = Sizes(4, 2, 64, (16, 64), (1, 2), (32, 80), 1 << 10, ((1, 40, 0), (2, 16, 24)), 16, 1 << 16, torch.bfloat16)
+CPU_FULL = CpuSizes()
+CPU_DRY = CpuSizes(ranks=(64,), cases=(("prefill", 1, 64, 64), ("decode", 4, 1, 100)), dtypes=(torch.bfloat16,))
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=torch.cuda.get_device_name(device), capability=f"{props.major}.{props.minor}",
+                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    else:
+        info.update(device=f"CPU {platform.machine()} ({os.cpu_count()} cores)", torch_threads=torch.get_num_threads(),
+                    load_average=round(os.getloadavg()[0], 2))
+    return info
+
+
+def time_us(fn, device: torch.device, repeats: int) -> float:
+    """Median microseconds per call: CUDA-graph replay on a GPU, wall clock otherwise."""
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs) * 1e6
+
+
+def uniform_batch(num_seqs: int, new: int, total: int, r: int, d: int, num_heads: int, num_kv_heads: int,
+                  block_size: int, dtype: torch.dtype, device: torch.device) -> PagedBatch:
+    """num_seqs sequences of `total` positions whose last `new` are queried, over shuffled physical
+    blocks; drawn on the device (the tests' random_paged_batch draws on the CPU: too slow at this size)."""
+    blocks_per_seq = -(-total // block_size)
+    num_blocks = num_seqs * blocks_per_seq + 1
+    packed, key_cache, value_cache = packed_kv_cache(num_blocks, block_size, num_kv_heads, r, d, dtype, device,
+                                                     "NHD", fill=0.0)
+    packed.normal_()
+    table = torch.randperm(num_blocks - 1, device=device)[: num_seqs * blocks_per_seq] + 1
+    return PagedBatch(
+        q=torch.randn(num_seqs * new, num_heads, r, device=device, dtype=dtype),
+        key_cache=key_cache, value_cache=value_cache, block_table=table.view(num_seqs, -1).to(torch.int32),
+        cu_seqlens_q=torch.arange(0, num_seqs * new + 1, new, dtype=torch.int32, device=device),
+        seq_lens=torch.full((num_seqs,), total, dtype=torch.int32, device=device),
+        scale=d**-0.5, gaps=None, packed=packed,
+    )
+
+
+def copy_roof(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+    """Device-to-device copy bandwidth, counting bytes read + written (what a copy moves)."""
+    src = torch.empty(sizes.copy_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), device, repeats)
+    return {"bytes": sizes.copy_bytes, "us": us, "gb_per_s": 2 * sizes.copy_bytes / us / 1e3}
+
+
+def correctness(device: torch.device) -> list[dict]:
+    """Cases from the test suite (mixed batch, split decode, gaps, r > d) in bf16 against the float64 reference."""
+    cases = [  # name, q_lens, seq_lens, r, d, group, gaps, num_splits
+        ("mixed r32 d128 g4", [1, 7, 1, 19], [37, 50, 90, 19], 32, 128, 4, None, None),
+        ("decode split r16 d128 g4", [1, 1, 1], [300, 45, 1], 16, 128, 4, None, 4),
+        ("gaps r24 d64 g3", [1, 3, 12], [100, 90, 80], 24, 64, 3, [(16, 64), (5, 41), (0, 40)], None),
+        ("r>d r256 d128 g8", [1, 20], [70, 20], 256, 128, 8, None, None),
+    ]
+    rows = []
+    for name, q_lens, seq_lens, r, d, group, gaps, splits in cases:
+        batch = random_paged_batch(q_lens, seq_lens, num_heads=2 * group, num_kv_heads=2, r=r, d=d, block_size=16,
+                                   dtype=torch.bfloat16, device=device, layout="HND", gaps=gaps)
+        ref = reference.paged_attention(*batch.args(), gaps=batch.gaps)
+        out = paged_attention(*batch.args(), gaps=batch.gaps, num_splits=splits)
+        err = float((out.double().cpu() - ref).norm() / ref.norm())
+        rows.append({"case": name, "dtype": "bf16", "rel_error": err, "tolerance": BF16_TOLERANCE,
+                     "ok": bool(err <= BF16_TOLERANCE and not out.isnan().any())})
+    return rows
+
+
+def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+    return run
+
+
+def decode_sweep(sizes: Sizes, roof_gbs: float, device: torch.device, repeats: int, log) -> list[dict]:
+    g = sizes.num_heads // sizes.num_kv_heads
+    elem = torch.finfo(sizes.dtype).bits // 8
+    rows = []
+    for batch in sizes.batches:
+        for context in sizes.contexts:
+            if batch * context > sizes.max_tokens:
+                continue
+            # SDPA on dense contiguous KV at r = d; the group's query heads folded into the query
+            # length, so each KV head is read once, as in the paged kernel.
+            k = torch.randn(batch, sizes.num_kv_heads, context, sizes.d, device=device, dtype=sizes.dtype)
+            q = torch.randn(batch, sizes.num_kv_heads, g, sizes.d, device=device, dtype=sizes.dtype)
+            try:
+                sdpa_us = time_us(sdpa_flash(q, k, torch.randn_like(k), causal=False), device, repeats)
+            except RuntimeError as exc:  # recorded, not hidden
+                sdpa_us = None
+                log(f"  SDPA flash failed at batch {batch} x {context}: {exc}")
+            del q, k
+            for r in sizes.ranks:
+                pb = uniform_batch(batch, 1, context, r, sizes.d, sizes.num_heads, sizes.num_kv_heads,
+                                   sizes.block_size, sizes.dtype, device)
+                out = torch.empty(batch, sizes.num_heads, sizes.d, device=device, dtype=sizes.dtype)
+                us = time_us(lambda: paged_attention(*pb.args(), out=out, max_seqlen_q=1, max_seqlen_k=context),
+                             device, repeats)
+                kv_bytes = batch * context * sizes.num_kv_heads * (r + sizes.d) * elem
+                row = {"batch": batch, "context": context, "r": r, "d": sizes.d, "us": us, "kv_bytes": kv_bytes,
+                       "gb_per_s": kv_bytes / us / 1e3, "roof_fraction": kv_bytes / us / 1e3 / roof_gbs,
+                       "sdpa_flash_r_eq_d_us": sdpa_us, "speedup_vs_sdpa": sdpa_us / us if sdpa_us else None}
+                rows.append(row)
+                log(f"  decode b{batch:<4} ctx{context:<6} r{r:<4} {us:10.1f} us {row['gb_per_s']:8.1f} GB/s "
+                    f"{row['roof_fraction']:6.1%} of roof" + (f"  SDPA(r=d) {sdpa_us:10.1f} us" if sdpa_us else ""))
+                del pb, out
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    full = {(row["batch"], row["context"]): row for row in rows if row["r"] == sizes.d}
+    for row in rows:
+        base = full.get((row["batch"], row["context"]))
+        row["speedup_vs_r_eq_d"] = base["us"] / row["us"] if base else None
+        row["ideal_speedup_vs_r_eq_d"] = 2 * sizes.d / (row["r"] + sizes.d)
+    return rows
+
+
+def split_sweep(sizes: Sizes, device: torch.device, repeats: int, log) -> list[dict]:
+    """Decode time against forced split counts at the target size, to check the split heuristic."""
+    batch, context = (64, 4096) if 64 in sizes.batches else (sizes.batches[-1], sizes.contexts[-1])
+    r = 32 if 32 in sizes.ranks else sizes.ranks[0]
+    pb = uniform_batch(batch, 1, context, r, sizes.d, sizes.num_heads, sizes.num_kv_heads, sizes.block_size,
+                       sizes.dtype, device)
+    rows = []
+    for splits in (None, 1, 2, 4, 8, 16):
+        us = time_us(lambda: paged_attention(*pb.args(), max_seqlen_q=1, max_seqlen_k=context, num_splits=splits),
+                     device, repeats)
+        rows.append({"batch": batch, "context": context, "r": r, "num_splits": splits or "heuristic", "us": us})
+        log(f"  splits {str(splits or 'heuristic'):>9}: {us:10.1f} us")
+    return rows
+
+
+def prefill_sweep(sizes: Sizes, device: torch.device, repeats: int, log) -> list[dict]:
+    rows = []
+    for batch, new, cached in sizes.prefill:
+        total = new + cached
+        sdpa_us = None
+        if cached == 0:  # torch's is_causal is top-left aligned: only a full prefill has an SDPA twin
+            q = torch.randn(batch, sizes.num_heads, new, sizes.d, device=device, dtype=sizes.dtype)
+            k = torch.randn(batch, sizes.num_kv_heads, new, sizes.d, device=device, dtype=sizes.dtype)
+            try:
+                sdpa_us = time_us(sdpa_flash(q, k, torch.randn_like(k), causal=True), device, repeats)
+            except RuntimeError as exc:
+                log(f"  SDPA flash failed for prefill {batch}x{new}: {exc}")
+            del q, k
+        for r in sizes.ranks:
+            pb = uniform_batch(batch, new, total, r, sizes.d, sizes.num_heads, sizes.num_kv_heads, sizes.block_size,
+                               sizes.dtype, device)
+            out = torch.empty(batch * new, sizes.num_heads, sizes.d, device=device, dtype=sizes.dtype)
+            us = time_us(lambda: paged_attention(*pb.args(), out=out, max_seqlen_q=new, max_seqlen_k=total),
+                         device, repeats)
+            pairs = batch * sizes.num_heads * sum(cached + i + 1 for i in range(new))  # causal (q, k) pairs
+            row = {"batch": batch, "new_tokens": new, "cached_tokens": cached, "r": r, "d": sizes.d, "us": us,
+                   "tflop_per_s": 2 * pairs * (r + sizes.d) / us / 1e6, "sdpa_flash_r_eq_d_us": sdpa_us,
+                   "speedup_vs_sdpa": sdpa_us / us if sdpa_us else None}
+            rows.append(row)
+            log(f"  prefill {batch}x{new} (+{cached} cached) r{r:<4} {us:11.1f} us {row['tflop_per_s']:7.1f} TFLOP/s"
+                + (f"  SDPA(r=d) {sdpa_us:11.1f} us" if sdpa_us else ""))
+            del pb, out
+    full = {(row["batch"], row["new_tokens"], row["cached_tokens"]): row for row in rows if row["r"] == sizes.d}
+    for row in rows:
+        base = full.get((row["batch"], row["new_tokens"], row["cached_tokens"]))
+        row["speedup_vs_r_eq_d"] = base["us"] / row["us"] if base else None
+    return rows
+
+
+def torch_path_sweep(sizes: CpuSizes, repeats: int, log) -> list[dict]:
+    """`paged_attention_torch` per layer call on the CPU."""
+    rows = []
+    for dtype in sizes.dtypes:
+        for name, num_seqs, new, total in sizes.cases:
+            for r in sizes.ranks:
+                pb = uniform_batch(num_seqs, new, total, r, sizes.d, sizes.num_heads, sizes.num_kv_heads,
+                                   sizes.block_size, dtype, torch.device("cpu"))
+                us = time_us(lambda: paged_attention_torch(*pb.args()), torch.device("cpu"), repeats)
+                rows.append({"case": name, "sequences": num_seqs, "new_tokens": new, "context": total, "r": r,
+                             "d": sizes.d, "dtype": str(dtype).removeprefix("torch."), "ms_per_layer": us / 1e3})
+                log(f"  torch path {name} {num_seqs}x{new} ctx {total} r{r} {dtype}: {us / 1e3:9.1f} ms per layer")
+    return rows
+
+
+def evaluate_targets(decode: list[dict], d: int) -> dict:
+    at = {row["r"]: row for row in decode if row["batch"] == 64 and row["context"] == 4096}
+    if 32 not in at or d not in at:
+        return {"evaluated": False, "reason": "batch 64 x 4k with r = 32 and r = d is not in this run"}
+    speedup = at[d]["us"] / at[32]["us"]
+    vs_sdpa = at[d]["speedup_vs_sdpa"]
+    return {
+        "evaluated": True,
+        "decode_roof_fraction_b64_4k": {r: row["roof_fraction"] for r, row in at.items()},
+        "decode_roof_fraction_ok": min(row["roof_fraction"] for row in at.values())
+        >= TARGETS["decode_roof_fraction_b64_4k"],
+        "decode_speedup_r32_over_r128_b64_4k": speedup,
+        "decode_speedup_ok": speedup >= TARGETS["decode_speedup_r32_over_r128_b64_4k"],
+        "decode_r128_vs_sdpa_b64_4k": vs_sdpa,
+        "decode_vs_sdpa_ok": vs_sdpa is not None and vs_sdpa >= TARGETS["decode_r128_vs_sdpa_b64_4k"],
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# Thin-key paged attention kernels — {env['device']}", "",
+             f"{env['date']} · torch {env['torch']} · triton {env['triton']}"
+             + (" · **dry run: tiny sizes, interpreter times are meaningless**" if result["dry_run"] else ""), ""]
+    if result.get("correctness"):
+        lines += ["## Correctness (bf16 vs float64 reference)", "", "| case | rel. error | tolerance | ok |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c['case']} | {c['rel_error']:.2e} | {c['tolerance']:.0e} | {'yes' if c['ok'] else '**NO**'} |"
+                  for c in result["correctness"]]
+    if result.get("roof"):
+        lines += ["", f"Roof (device-to-device copy, read + write): **{result['roof']['gb_per_s']:.0f} GB/s**"]
+    if result.get("decode"):
+        lines += ["", "## Decode (one query token per sequence)", "",
+                  "| batch | context | r | µs | GB/s | % roof | vs r=d (ideal) | SDPA flash r=d µs | vs SDPA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['batch']} | {row['context']} | {row['r']} | {row['us']:.1f} | {row['gb_per_s']:.0f} | "
+                  f"{row['roof_fraction']:.0%} | {_fmt(row['speedup_vs_r_eq_d'], '.2f')}× "
+                  f"({row['ideal_speedup_vs_r_eq_d']:.2f}×) | {_fmt(row['sdpa_flash_r_eq_d_us'], '.1f')} | "
+                  f"{_fmt(row['speedup_vs_sdpa'], '.2f')}× |" for row in result["decode"]]
+        lines += ["", "## Decode split-KV sweep", "", "| batch | context | r | splits | µs |", "|---|---|---|---|---|"]
+        lines += [f"| {row['batch']} | {row['context']} | {row['r']} | {row['num_splits']} | {row['us']:.1f} |"
+                  for row in result["split_sweep"]]
+    if result.get("prefill"):
+        lines += ["", "## Prefill", "",
+                  "| seqs | new | cached | r | µs | TFLOP/s | vs r=d | SDPA flash r=d µs | vs SDPA |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['batch']} | {row['new_tokens']} | {row['cached_tokens']} | {row['r']} | {row['us']:.1f} | "
+                  f"{row['tflop_per_s']:.1f} | {_fmt(row['speedup_vs_r_eq_d'], '.2f')}× | "
+                  f"{_fmt(row['sdpa_flash_r_eq_d_us'], '.1f')} | {_fmt(row['speedup_vs_sdpa'], '.2f')}× |"
+                  for row in result["prefill"]]
+    if result.get("targets"):
+        lines += ["", "## Targets (batch 64 × 4k decode)", "", "```", json.dumps(result["targets"], indent=2), "```"]
+    if result.get("torch_path"):
+        lines += ["", "## Torch path (CPU serving), per layer call", "",
+                  f"threads {env.get('torch_threads')}, load average {env.get('load_average')}", "",
+                  "| case | seqs × new | context | r | d | dtype | ms |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['case']} | {row['sequences']} × {row['new_tokens']} | {row['context']} | {row['r']} | "
+                  f"{row['d']} | {row['dtype']} | {row['ms_per_layer']:.1f} |" for row in result["torch_path"]]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = f"{result['environment']['device']} · {result['environment']['date']}" + (" · dry run" if result["dry_run"] else "")
+    if not result.get("decode"):  # CPU run: the torch path only
+        fig, ax = plt.subplots(figsize=(7, 4))
+        rows = result["torch_path"]
+        labels = [f"{r['case']}\nr={r['r']} {r['dtype']}" for r in rows]
+        ax.bar(range(len(rows)), [r["ms_per_layer"] for r in rows])
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set(ylabel="ms per layer call", title="paged_attention_torch")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    decode = result["decode"]
+    batch = 64 if any(row["batch"] == 64 for row in decode) else max(row["batch"] for row in decode)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in sorted({row["r"] for row in decode}):
+        pts = sorted((row["context"], row["gb_per_s"]) for row in decode if row["r"] == r and row["batch"] == batch)
+        left.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"r = {r}")
+        pts = sorted((row["batch"] * row["context"], row["speedup_vs_r_eq_d"]) for row in decode
+                     if row["r"] == r and row["speedup_vs_r_eq_d"])
+        right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none", label=f"r = {r}")
+    left.axhline(result["roof"]["gb_per_s"], color="k", linestyle="--", label="copy roof")
+    left.set(xscale="log", xlabel="context (tokens)", ylabel="KV read GB/s", title=f"decode, batch {batch}")
+    right.set(xscale="log", xlabel="batch × context (tokens)", ylabel="speedup over r = d",
+              title="decode: thin keys vs full keys, same kernel")
+    left.legend()
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny sizes, every section, on any device (CPU: Triton interpreter)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    log(f"thinkv kernels benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
+    result: dict = {"environment": env, "dry_run": args.dry_run}
+    repeats = 1 if args.dry_run else 5
+    ok = True
+    if device.type == "cuda" or args.dry_run:
+        sizes = GPU_DRY if args.dry_run else GPU_FULL
+        log("correctness (bf16):")
+        result["correctness"] = correctness(device)
+        for c in result["correctness"]:
+            log(f"  {c['case']:<28} rel error {c['rel_error']:.2e} {'ok' if c['ok'] else 'FAILED'}")
+        ok = all(c["ok"] for c in result["correctness"])
+        result["roof"] = copy_roof(sizes, device, repeats)
+        log(f"roof: device-to-device copy {result['roof']['gb_per_s']:.0f} GB/s")
+        log("decode:")
+        result["decode"] = decode_sweep(sizes, result["roof"]["gb_per_s"], device, repeats, log)
+        log("decode split sweep:")
+        result["split_sweep"] = split_sweep(sizes, device, repeats, log)
+        log("prefill:")
+        result["prefill"] = prefill_sweep(sizes, device, repeats, log)
+        result["targets"] = evaluate_targets(result["decode"], sizes.d)
+        result["sizes"] = {**asdict(sizes), "dtype": str(sizes.dtype)}
+    if device.type == "cpu":
+        log("torch path (CPU serving):")
+        cpu_sizes = CPU_DRY if args.dry_run else CPU_FULL
+        result["torch_path"] = torch_path_sweep(cpu_sizes, repeats, log)
+        result["cpu_sizes"] = {**asdict(cpu_sizes), "dtypes": [str(t) for t in cpu_sizes.dtypes]}
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
+    threads = f"-{torch.get_num_threads()}threads" if device.type == "cpu" else ""
+    stem = args.out / f"kernels-{slug}{threads}-{env['date']}{'-dry-run' if args.dry_run else ''}"
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text(markdown(result))
+    plot(result, Path(f"{stem}.png"))
+    log(f"wrote {stem}.json, .md, .png")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

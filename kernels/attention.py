@@ -1,0 +1,145 @@
+"""`paged_attention`: the public Triton op for prefill, chunked prefill, decode and mixed batches.
+
+Launch plan (no device sync when the caller passes max_seqlen_q and max_seqlen_k):
+- Sequences with 1 <= q_len <= DECODE_MAX_Q (= decode BLOCK_M // group: the query
+  tokens that fit the rows a decode program computes anyway) belong to the decode
+  launch, the others to the prefill launch. Each launch's programs skip the other
+  kind's sequences, so a mixed batch is two launches over the same metadata with no
+  host-side split of the batch.
+- Decode-only batches (max_seqlen_q <= DECODE_MAX_Q) use split-KV when the batch is
+  too small to fill the device (`launch.decode_splits`), plus a merge launch. In a
+  mixed batch the prefill programs fill the device, so decode runs unsplit unless
+  `num_splits` forces more.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from vllm_thinkv.errors import ThinKVError
+
+from . import launch
+from .attention_kernel import paged_attention_kernel
+from .checks import AttentionShape, attention_metadata_limits, check_attention_call
+from .merge_kernel import merge_splits_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    gaps: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of this step's query tokens over a paged thin-key cache.
+
+    q [T, H, r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
+    [num_blocks, block_size, Hkv, d] (any strides, e.g. views of one packed buffer);
+    block_table [num_seqs, max_blocks] int32; cu_seqlens_q [num_seqs + 1] int32;
+    seq_lens [num_seqs] int32, the context length including this step's tokens. The
+    query tokens of sequence i are its last q_len_i positions.
+    gaps: optional [num_seqs, 2] int32 token ranges [start, end) to skip (start == end:
+    none); they must lie in the cached context (end <= seq_len - q_len), and their
+    cache slots are never read. max_seqlen_q / max_seqlen_k: host-side upper bounds;
+    when either is None they are computed and all metadata values are validated (one
+    device sync). num_splits: force the decode split-KV factor (testing, tuning).
+    Returns `out` (or a new tensor) [T, H, d] in q's dtype.
+    """
+    shape = check_attention_call(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, out, gaps,
+                                 triton_path=True, interpreting=launch.interpreting())
+    if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ThinKVError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if max_seqlen_q is None or max_seqlen_k is None:
+        max_seqlen_q, max_seqlen_k = attention_metadata_limits(shape, block_table, cu_seqlens_q, seq_lens, gaps)
+    if out is None:
+        out = q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
+    calls = plan_attention(
+        shape, out, q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, gaps,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
+        facts=launch.device_facts(q.device),
+    )
+    for call in calls:
+        call()
+    return out
+
+
+def plan_attention(
+    shape: AttentionShape,
+    out: torch.Tensor,
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    gaps: torch.Tensor | None,
+    *,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_splits: int | None,
+    facts: launch.DeviceFacts,
+) -> list[launch.KernelCall]:
+    """The launches of one validated call, in order (allocates the split-KV workspace)."""
+    if shape.num_tokens == 0 or shape.num_seqs == 0:
+        return []
+    decode_cfg = launch.tile_config("decode", shape.r, shape.d, shape.group, q.dtype, facts)
+    decode_max_q = decode_cfg.block_m // shape.group
+    has_prefill = max_seqlen_q > decode_max_q
+    if num_splits is None:
+        num_splits = 1 if has_prefill else launch.decode_splits(shape.num_seqs, shape.num_kv_heads, max_seqlen_k,
+                                                                facts)
+    r_pad, d_pad = launch.head_pads(shape.r, shape.d)
+    if num_splits > 1:
+        partial = (shape.num_tokens, shape.num_heads, num_splits)
+        part_out = torch.empty(*partial, d_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(*partial, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # a single-split launch never touches them
+
+    has_gap = gaps is not None
+    args = (
+        out, part_out, part_lse, q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens,
+        gaps if has_gap else seq_lens,  # any int32 pointer when unused
+        scale * LOG2E, shape.num_seqs, shape.num_heads,
+        *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
+        *(gaps.stride() if has_gap else (0, 0)),
+    )
+    kv_aligned = all(s % 8 == 0 for s in key_cache.stride()[:3] + value_cache.stride()[:3])
+    common = dict(
+        GROUP=shape.group, R=shape.r, R_PAD=r_pad, D=shape.d, D_PAD=d_pad, BLOCK_SIZE=shape.block_size,
+        DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap, KV_ALIGNED=kv_aligned, UPCAST=launch.interpreting(),
+    )
+
+    def attention_call(cfg: launch.TileConfig, decode: bool, splits: int, grid: tuple[int, ...]) -> launch.KernelCall:
+        constexprs = dict(common, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // shape.group, TILE_N=cfg.tile_n,
+                          DECODE=decode, NUM_SPLITS=splits)
+        options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return launch.KernelCall(paged_attention_kernel, grid, args, constexprs, options)
+
+    calls = [attention_call(decode_cfg, True, num_splits, (shape.num_seqs, shape.num_kv_heads, num_splits))]
+    if num_splits > 1:
+        calls.append(launch.KernelCall(
+            merge_splits_kernel,
+            (shape.num_tokens, shape.num_heads),
+            (out, part_out, part_lse, cu_seqlens_q, shape.num_seqs, shape.num_heads, *out.stride()),
+            dict(D=shape.d, D_PAD=d_pad, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+                 DECODE_MAX_Q=decode_max_q),
+            dict(num_warps=4),
+        ))
+    if has_prefill:
+        cfg = launch.tile_config("prefill", shape.r, shape.d, shape.group, q.dtype, facts)
+        q_blocks = shape.num_tokens // (cfg.block_m // shape.group) + shape.num_seqs  # >= the blocks needed
+        calls.append(attention_call(cfg, False, 1, (q_blocks, shape.num_kv_heads, 1)))
+    return calls

@@ -1,0 +1,136 @@
+"""Random paged batches shaped like vLLM's, for the tests and the benchmark.
+
+Everything a kernel must not touch is made poisonous: unused cache slots hold NaN,
+block 0 is a NaN "null block" (where vLLM points freed blocks, e.g. blocks SnapKV
+dropped inside a gap), physical blocks are shuffled, and block-table entries past a
+sequence's last block hold random block ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("NHD", "HND")  # packed buffer [blocks, block_size, Hkv, r+d] or [blocks, Hkv, block_size, r+d]
+
+
+@dataclass
+class PagedBatch:
+    """Inputs of one `paged_attention` call (positional order of `args()`) and the packed buffer behind the caches."""
+
+    q: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    scale: float
+    gaps: torch.Tensor | None
+    packed: torch.Tensor
+
+    def args(self) -> tuple:
+        return (self.q, self.key_cache, self.value_cache, self.block_table, self.cu_seqlens_q, self.seq_lens,
+                self.scale)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return int((self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).max())
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return int(self.seq_lens.max())
+
+
+def packed_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    r: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    layout: str = "NHD",
+    fill: float = float("nan"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, key_cache, value_cache): one buffer with r + d channels per token and head, as vLLM's
+    DiffKV cache, and the two [num_blocks, block_size, Hkv, r] / [..., d] strided views into it."""
+    if layout == "NHD":
+        packed = torch.full((num_blocks, block_size, num_kv_heads, r + d), fill, dtype=dtype, device=device)
+        logical = packed
+    elif layout == "HND":
+        packed = torch.full((num_blocks, num_kv_heads, block_size, r + d), fill, dtype=dtype, device=device)
+        logical = packed.transpose(1, 2)
+    else:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return packed, logical[..., :r], logical[..., r:]
+
+
+def random_paged_batch(
+    q_lens: list[int],
+    seq_lens: list[int],
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    r: int,
+    d: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    layout: str = "NHD",
+    gaps: list[tuple[int, int]] | None = None,
+    spare_blocks: int = 3,
+    seed: int = 0,
+) -> PagedBatch:
+    """A ragged batch: sequence i has seq_lens[i] cached positions, the last q_lens[i] of them queried.
+
+    Blocks lying entirely inside a sequence's gap map to the NaN null block 0; gap
+    positions sharing a block with kept tokens stay unwritten (NaN). Values are drawn
+    on the CPU from `seed`, so a batch is the same on every device; meant for small sizes.
+    """
+    assert len(q_lens) == len(seq_lens) and all(0 <= ql <= sl for ql, sl in zip(q_lens, seq_lens))
+    gen = torch.Generator().manual_seed(seed)
+    gaps_list = gaps if gaps is not None else [(0, 0)] * len(seq_lens)
+
+    tables: list[list[int]] = []
+    needed = 0
+    for sl, (lo, hi) in zip(seq_lens, gaps_list):
+        n_blocks = -(-sl // block_size)
+        dropped = [lo <= b * block_size and (b + 1) * block_size <= hi for b in range(n_blocks)]
+        tables.append([-1 if drop else 0 for drop in dropped])
+        needed += n_blocks - sum(dropped)
+    num_blocks = 1 + needed + spare_blocks
+    physical = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    for table in tables:
+        for b, entry in enumerate(table):
+            table[b] = 0 if entry == -1 else physical.pop()
+
+    width = max((len(t) for t in tables), default=0) + 2
+    block_table = torch.randint(0, num_blocks, (len(seq_lens), width), generator=gen, dtype=torch.int32)
+    for i, table in enumerate(tables):
+        block_table[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+
+    packed, key_cache, value_cache = packed_kv_cache(num_blocks, block_size, num_kv_heads, r, d, dtype, device, layout)
+    for i, (sl, (lo, hi)) in enumerate(zip(seq_lens, gaps_list)):
+        pos = torch.tensor([p for p in range(sl) if not lo <= p < hi], dtype=torch.long)
+        if len(pos) == 0:
+            continue
+        blocks = block_table[i, pos // block_size].long().to(device)
+        offsets = (pos % block_size).to(device)
+        key_cache[blocks, offsets] = torch.randn(len(pos), num_kv_heads, r, generator=gen).to(device, dtype)
+        value_cache[blocks, offsets] = torch.randn(len(pos), num_kv_heads, d, generator=gen).to(device, dtype)
+
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+    q = torch.randn(int(cu[-1]), num_heads, r, generator=gen).to(device, dtype)
+    return PagedBatch(
+        q=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_table=block_table.to(device),
+        cu_seqlens_q=cu.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        scale=r**-0.5,
+        gaps=torch.tensor(gaps_list, dtype=torch.int32, device=device) if gaps is not None else None,
+        packed=packed,
+    )

@@ -1,0 +1,36 @@
+"""benchmarks/kernels.py runs end to end in its --dry-run mode, so the GPU benchmark cannot rot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_dry_run_writes_results(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+
+    assert module.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    [json_path] = tmp_path.glob("kernels-*-dry-run.json")
+    result = json.loads(json_path.read_text())
+    assert result["dry_run"] is True
+    assert {"date", "torch", "triton", "device"} <= set(result["environment"])
+    assert result["correctness"] and all(c["ok"] for c in result["correctness"])
+    assert result["roof"]["gb_per_s"] > 0
+    ranks = {row["r"] for row in result["decode"]}
+    assert ranks == set(module.GPU_DRY.ranks) and all(row["us"] > 0 for row in result["decode"])
+    assert all(row["speedup_vs_r_eq_d"] for row in result["decode"])
+    assert result["prefill"] and result["split_sweep"]
+    if not torch.cuda.is_available():  # the CPU serving path is timed on CPU machines
+        assert [row["case"] for row in result["torch_path"]] == ["prefill", "decode"]
+    md = json_path.with_name(json_path.name.replace(".json", ".md")).read_text()
+    assert "| batch | context | r |" in md and result["environment"]["date"] in md
+    png = json_path.with_name(json_path.name.replace(".json", ".png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out
