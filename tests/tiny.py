@@ -50,7 +50,7 @@ def build_tiny_llama(
     num_kv_heads: int = 2,
     num_layers: int = 4,
     hidden_size: int = 256,
-    max_position_embeddings: int = 4096,
+    max_position_embeddings: int = 8192,
     dtype: str = "float32",
     seed: int = 0,
 ) -> Path:

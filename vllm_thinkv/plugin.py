@@ -30,6 +30,9 @@ BACKEND_ALIAS = "THINKV"
 def register() -> None:
     try:
         _register_backend()
+        from vllm_thinkv.snapkv.kv_cache import register_snapkv_spec
+
+        register_snapkv_spec()
     except Exception:  # never break vLLM start-up for users who did not ask for thinkv
         logger.exception("vllm-thinkv: registration failed; the thinkv attention backend is unavailable")
 

@@ -41,14 +41,14 @@ class EngineFailed(RuntimeError):
         self.log = log
 
 
-def run_engine(spec: dict, env: dict | None = None, timeout: int = 900) -> dict:
-    """Run `tests.vllm.run_llm` with SPEC in a fresh process; return its JSON."""
+def run_engine(spec: dict, env: dict | None = None, timeout: int = 900, script: str = "run_llm") -> dict:
+    """Run `tests.vllm.<script>` (run_llm or trace_blocks) with SPEC in a fresh process; return its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
         proc_env = {**os.environ, **BASE_ENV, **(env or {})}
         proc = subprocess.run(
-            [sys.executable, "-m", "tests.vllm.run_llm", str(spec_path), str(out_path)],
+            [sys.executable, "-m", f"tests.vllm.{script}", str(spec_path), str(out_path)],
             cwd=REPO,
             env=proc_env,
             capture_output=True,

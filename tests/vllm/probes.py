@@ -9,3 +9,15 @@ def attention_classes(model) -> list[str]:
     return sorted(
         {f"{type(m.impl).__module__}.{type(m.impl).__qualname__}" for m in model.modules() if isinstance(m, Attention)}
     )
+
+
+def snapkv_selections(model) -> list[list[tuple[int, list[list[int]]]]]:
+    """Per attention layer, in model order: its recent SnapKV selections, oldest
+    first, each (prompt length, kept token indices [Hkv][budget])."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return [
+        [(p, idx.tolist()) for p, idx in m.impl.snapkv.recent_selections]
+        for m in model.modules()
+        if isinstance(m, Attention)
+    ]

@@ -61,9 +61,14 @@ def main(spec_path: str, out_path: str) -> None:
         "multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
     }
     if os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") == "1":
-        from tests.vllm.probes import attention_classes  # must be importable by the worker
+        # the probes must be importable by the worker, hence not defined in __main__
+        from tests.vllm.probes import attention_classes
 
         info["attention_impls"] = sorted({c for w in llm.apply_model(attention_classes) for c in w})
+        if spec.get("snapkv_selections"):
+            from tests.vllm.probes import snapkv_selections
+
+            info["snapkv_selections"] = llm.apply_model(snapkv_selections)[0]
     with open(out_path, "w") as f:
         json.dump(info, f)
 

@@ -17,6 +17,7 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
 
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.snapkv.config import SnapKVConfig
 
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
@@ -65,6 +66,14 @@ class ThinKVBackend(AttentionBackend):
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
     # KV writes happen in `do_kv_cache_update`, before `forward`.
     forward_includes_kv_cache_update: bool = False
+    # The deployment's SnapKV settings, set while the model is built (the impl
+    # reads them from the HF config) and read by `customize_spec`, which vLLM
+    # calls without a config (the same pattern as vLLM's DiffKV `head_size_v`).
+    snapkv: ClassVar[SnapKVConfig | None] = None
+
+    @classmethod
+    def configure_snapkv(cls, config: SnapKVConfig | None) -> None:
+        cls.snapkv = config
 
     @staticmethod
     def get_name() -> str:
@@ -149,4 +158,8 @@ class ThinKVBackend(AttentionBackend):
         # The one place vLLM shows the backend the V head size before allocation.
         check_qk_head_size(spec.head_size)
         check_v_head_size(spec.head_size_v)
+        if cls.snapkv is not None:
+            from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
+
+            return SnapKVSpec.from_spec(spec, cls.snapkv)
         return spec

@@ -13,10 +13,12 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
-from vllm_thinkv.backend.backend import check_qk_head_size
+from vllm_thinkv.backend.backend import ThinKVBackend, check_qk_head_size
 from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
+from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.snapkv.config import SnapKVConfig
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -78,6 +80,8 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.kv_sharing_target_layer_name = None
         self.ops = select_ops(torch.device("cpu" if current_platform.is_cpu() else "cuda"))
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
+        snapkv = _snapkv_config()
+        self.snapkv = None if snapkv is None else SnapKVLayer(snapkv, self.scale, self.ops.write_kv)
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, Hkv, N, r + d] -> K [B, N, Hkv, r], V [B, N, Hkv, d] (views)."""
@@ -115,6 +119,9 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = self._split_cache(kv_cache)
+        if attn_metadata.snapkv is not None:
+            self.snapkv.before_attention(attn_metadata.snapkv, query, attn_metadata.query_start_loc_cpu,
+                                         key_cache, value_cache, attn_metadata.block_table)
         self.ops.paged_attention(
             query[:n],
             key_cache,
@@ -124,7 +131,25 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             attn_metadata.seq_lens,
             self.scale,
             out=output[:n],
+            gaps=attn_metadata.gaps,
             max_seqlen_q=attn_metadata.max_query_len,
             max_seqlen_k=attn_metadata.max_seq_len,
         )
         return output
+
+
+def _snapkv_config() -> SnapKVConfig | None:
+    """The deployment's SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`),
+    validated here, at model construction. They also reach the KV-cache spec
+    (and through it the engine core's block manager) via ThinKVBackend."""
+    from vllm.config import get_current_vllm_config
+
+    vllm_config = get_current_vllm_config()
+    config = SnapKVConfig.from_hf_config(vllm_config.model_config.hf_config)
+    if config is not None and vllm_config.speculative_config is not None:
+        raise ThinKVError("thinkv SnapKV does not support speculative decoding")
+    ThinKVBackend.configure_snapkv(config)
+    if config is not None:
+        logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
+                         "(compaction rewrites prompt blocks)", str(config.to_dict()))
+    return config

@@ -13,6 +13,10 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
+from vllm_thinkv.snapkv.tracker import SnapKVStep, SnapKVTracker
+
 
 @dataclass
 class ThinKVMetadata:
@@ -23,6 +27,11 @@ class ThinKVMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context incl. this step's tokens
     block_table: torch.Tensor  # [num_seqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
+    # SnapKV (None when off): this step's plan, its host copy of query starts,
+    # and the per-row [start, end) gaps of compacted requests (None if no row has one).
+    snapkv: SnapKVStep | None = None
+    query_start_loc_cpu: list[int] | None = None
+    gaps: torch.Tensor | None = None
 
 
 class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
@@ -33,6 +42,7 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.snapkv = SnapKVTracker(kv_cache_spec.snapkv) if isinstance(kv_cache_spec, SnapKVSpec) else None
 
     def build(
         self,
@@ -41,7 +51,7 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
         fast_build: bool = False,
     ) -> ThinKVMetadata:
         m = common_attn_metadata
-        return ThinKVMetadata(
+        metadata = ThinKVMetadata(
             num_actual_tokens=m.num_actual_tokens,
             max_query_len=m.max_query_len,
             max_seq_len=m.max_seq_len,
@@ -50,3 +60,25 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
             block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping,
         )
+        if self.snapkv is not None:
+            self._plan_snapkv(metadata, m)
+        return metadata
+
+    def _plan_snapkv(self, metadata: ThinKVMetadata, m: CommonAttentionMetadata) -> None:
+        """Host-side SnapKV bookkeeping (one small device-to-host copy on GPU)."""
+        if m.is_prefilling is None:
+            raise ThinKVError("thinkv SnapKV needs vLLM's per-request `is_prefilling` metadata, "
+                              "which this model runner does not provide")
+        n = m.num_reqs
+        seq_lens = m.seq_lens_cpu_upper_bound if m.seq_lens_cpu_upper_bound is not None else m.seq_lens.cpu()
+        query_start = m.query_start_loc_cpu[: n + 1].tolist()
+        step = self.snapkv.step(
+            first_blocks=m.block_table_tensor[:n, 0].tolist(),
+            query_start=query_start,
+            seq_lens=seq_lens[:n].tolist(),
+            is_prefilling=m.is_prefilling[:n].tolist(),
+        )
+        metadata.snapkv = step
+        metadata.query_start_loc_cpu = query_start
+        if step.has_gaps:
+            metadata.gaps = torch.tensor(step.gaps, dtype=torch.int32).to(m.seq_lens.device, non_blocking=True)

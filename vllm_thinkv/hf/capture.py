@@ -34,7 +34,8 @@ class LayerAttention:
     """One layer's attention inputs for one sequence (batch size 1).
 
     q [T, H, d], k [T, Hkv, d], v [T, Hkv, d] are pre-RoPE (after Qwen3's
-    q/k norm, if any); cos/sin [T, d] are the layer's rotary tables.
+    q/k norm, if any); cos/sin [T, d] are the layer's rotary tables; hidden
+    [T, hidden_size] is the attention input (to run other q/k projections on it).
     """
 
     layer: int
@@ -43,6 +44,7 @@ class LayerAttention:
     v: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     @property
     def q_rope(self) -> torch.Tensor:
@@ -101,6 +103,7 @@ def capture(
                     v=_project(module, h, "v_proj", "_no_norm"),
                     cos=cos[0].to(h.dtype),
                     sin=sin[0].to(h.dtype),
+                    hidden=h,
                 )
             )
             if stop_after is not None and idx >= stop_after:

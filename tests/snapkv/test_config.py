@@ -1,0 +1,48 @@
+import pytest
+
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.snapkv import SnapKVConfig
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"budget": 0}, "budget must be a positive integer, got 0"),
+        ({"budget": -5}, "budget must be a positive integer, got -5"),
+        ({"budget": 32, "window": 32}, "window (32) must be smaller than budget (32)"),
+        ({"budget": 64, "window": 0}, "window must be a positive integer"),
+        ({"budget": 64, "pooling": "median"}, "unknown pooling 'median' (supported: max, avg)"),
+        ({"budget": 64, "kernel_size": 4}, "kernel_size must be an odd integer >= 1, got 4"),
+        ({"budget": 64, "kernel_size": 0}, "kernel_size must be an odd integer >= 1, got 0"),
+        ({"budget_ratio": 0.0}, "budget_ratio must be in (0, 1), got 0.0"),
+        ({"budget_ratio": 1.0}, "budget_ratio must be in (0, 1), got 1.0"),
+        ({"budget_ratio": 1.5}, "budget_ratio must be in (0, 1)"),
+        ({}, "give exactly one of `budget`"),
+        ({"budget": 64, "budget_ratio": 0.5}, "give exactly one of `budget`"),
+        ({"budget": 64, "windw": 8}, "unknown keys ['windw']"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_reason(settings, message):
+    with pytest.raises(ThinKVError) as err:
+        SnapKVConfig.from_dict(settings)
+    assert message in str(err.value)
+    assert str(err.value).startswith("thinkv_snapkv")
+
+
+def test_kept_length():
+    c = SnapKVConfig(budget=1024, window=32)
+    assert c.kept_len(4096) == 1056
+    assert c.kept_len(1056) is None  # not longer than budget + window: nothing to compact
+    r = SnapKVConfig(budget_ratio=0.25, window=16)
+    assert r.kept_len(4000) == 1016
+    assert r.kept_len(20) is None
+
+
+def test_absent_means_off():
+    class HF:
+        pass
+
+    assert SnapKVConfig.from_hf_config(HF()) is None
+    hf = HF()
+    hf.thinkv_snapkv = {"budget": 256, "window": 16}
+    assert SnapKVConfig.from_hf_config(hf) == SnapKVConfig(budget=256, window=16)

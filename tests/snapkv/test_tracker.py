@@ -1,0 +1,48 @@
+"""The worker-side life of requests: prefill rows, the compaction step, gaps."""
+
+from vllm_thinkv.snapkv import SnapKVConfig
+from vllm_thinkv.snapkv.tracker import SnapKVTracker
+
+CONFIG = SnapKVConfig(budget=40, window=8)  # prompts longer than 48 are compacted
+
+
+def step(tracker, rows):
+    """rows: (first_block, q_len, seq_len_after_step, is_prefilling)"""
+    starts = [0]
+    for _, q, _, _ in rows:
+        starts.append(starts[-1] + q)
+    return tracker.step([r[0] for r in rows], starts, [r[2] for r in rows], [r[3] for r in rows])
+
+
+def test_chunked_prefill_then_compaction_then_gaps():
+    t = SnapKVTracker(CONFIG)
+    s = step(t, [(7, 64, 64, True)])
+    assert s.restart_rows == [0] and s.window_rows == [0] and not s.compactions and not s.has_gaps
+    s = step(t, [(7, 36, 100, True)])
+    assert s.restart_rows == [] and s.window_rows == [0] and not s.compactions
+    s = step(t, [(7, 1, 101, False)])  # first row after the prompt: compaction, then its attention skips the gap
+    assert [(c.row, c.key, c.prompt_len, c.kept_len) for c in s.compactions] == [(0, 7, 100, 48)]
+    assert s.gaps == [(48, 100)]
+    s = step(t, [(7, 1, 102, False)])
+    assert not s.compactions and s.gaps == [(48, 100)]
+
+
+def test_mixed_batch_short_prompt_and_recompute():
+    t = SnapKVTracker(CONFIG)
+    step(t, [(3, 100, 100, True), (9, 20, 20, True)])
+    s = step(t, [(3, 1, 101, False), (9, 1, 21, False), (12, 30, 30, True)])
+    assert [c.key for c in s.compactions] == [3]  # the 20-token prompt is too short
+    assert s.gaps == [(48, 100), (0, 0), (0, 0)]
+    assert s.window_rows == [2] and s.restart_rows == [2]
+    # Request 3 is preempted and recomputed (prompt + 1 generated token) in one chunk starting at 0.
+    s = step(t, [(3, 101, 101, True)])
+    assert s.restart_rows == [0] and s.gaps == [(0, 0)]
+    s = step(t, [(3, 1, 102, False)])
+    assert [(c.prompt_len, c.kept_len) for c in s.compactions] == [(101, 48)]
+    assert s.gaps == [(48, 101)]
+
+
+def test_padding_rows_are_ignored():
+    t = SnapKVTracker(CONFIG)
+    s = step(t, [(5, 60, 60, True), (0, 0, 0, False)])
+    assert s.window_rows == [0] and s.gaps == [(0, 0), (0, 0)]

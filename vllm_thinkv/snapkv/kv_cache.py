@@ -1,0 +1,101 @@
+"""The vLLM side of block freeing: a KV-cache spec that carries the SnapKV
+settings to the engine core, and a manager that frees a compacted prompt's gap.
+
+Precedent: vLLM's R-SWA manager, which also frees a middle range of a running
+request's blocks through `_remove_blocks_in_range` (they become the null block;
+the attention backend must never read them — ours skips the gap).
+
+The manager mirrors `tracker.SnapKVTracker`: a request's compaction step is its
+first scheduled step that starts at or after the prompt end (start C). The
+manager learns each step's start as the previous step's end (from
+`allocate_new_blocks`) and frees blocks [ceil(kept/bs), C // bs) once that
+step has been processed, so the worker has already moved the kept tokens to
+[0, kept) before any freed block can be handed to another request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_thinkv.snapkv.config import SnapKVConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapKVSpec(FullAttentionSpec):
+    snapkv_budget: int | None = None
+    snapkv_budget_ratio: float | None = None
+    snapkv_window: int = 0
+
+    @property
+    def snapkv(self) -> SnapKVConfig:
+        return SnapKVConfig(budget=self.snapkv_budget, budget_ratio=self.snapkv_budget_ratio,
+                            window=self.snapkv_window)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # Compaction rewrites prompt blocks in place: their hashes would lie.
+        return False
+
+    @classmethod
+    def from_spec(cls, spec: FullAttentionSpec, config: SnapKVConfig) -> SnapKVSpec:
+        fields = {name: getattr(spec, name) for name in FullAttentionSpec.__dataclass_fields__}
+        return cls(**fields, snapkv_budget=config.budget, snapkv_budget_ratio=config.budget_ratio,
+                   snapkv_window=config.window)
+
+    @classmethod
+    def merge(cls, specs: list[SnapKVSpec]) -> SnapKVSpec:
+        settings = {(s.snapkv_budget, s.snapkv_budget_ratio, s.snapkv_window) for s in specs}
+        assert len(settings) == 1, f"all SnapKV layers must share one setting, got {settings}"
+        base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
+        return cls.from_spec(base, specs[0].snapkv)
+
+
+class SnapKVManager(FullAttentionManager):
+    def __init__(self, kv_cache_spec: SnapKVSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.snapkv = kv_cache_spec.snapkv
+        self._scheduled_end: dict[str, int] = {}  # end of the request's latest scheduled step
+        self._compaction_start: dict[str, int] = {}  # C, once its compaction step is scheduled
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        if num_prompt_tokens is None:
+            return
+        # Called before the step is allocated: this step starts where the last one ended.
+        start = self._scheduled_end.get(request_id, 0)
+        if request_id not in self._compaction_start and start >= num_prompt_tokens:
+            self._compaction_start[request_id] = start
+        compaction_start = self._compaction_start.get(request_id)
+        if compaction_start is None or processed_computed_tokens <= compaction_start:
+            return  # not compacted yet, or the compaction step has not run yet
+        kept = self.snapkv.kept_len(compaction_start)
+        if kept is not None:
+            self._remove_blocks_in_range(request_id, cdiv(kept, self.block_size), compaction_start // self.block_size)
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        self._scheduled_end[request_id] = num_tokens_main_model
+        return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+
+    def free(self, request_id: str) -> None:
+        # Finished or preempted: a recomputed request starts over from position 0.
+        self._scheduled_end.pop(request_id, None)
+        self._compaction_start.pop(request_id, None)
+        super().free(request_id)
+
+
+def register_snapkv_spec() -> None:
+    """Register SnapKVSpec/SnapKVManager with vLLM's KV-cache spec registry.
+
+    The registry fills in vLLM's built-in specs only while it is empty, so they
+    are registered first; otherwise a worker that loads this plugin before the
+    engine core registers anything would know only our spec.
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(SnapKVSpec, SnapKVManager, uniform_type_base_spec=FullAttentionSpec)
