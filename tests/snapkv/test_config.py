@@ -46,3 +46,8 @@ def test_absent_means_off():
     hf = HF()
     hf.thinkv_snapkv = {"budget": 256, "window": 16}
     assert SnapKVConfig.from_hf_config(hf) == SnapKVConfig(budget=256, window=16)
+
+
+def test_unknown_policy_rejected():
+    with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent\\)"):
+        SnapKVConfig(budget=64, policy="oldest")

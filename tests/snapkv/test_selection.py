@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vllm_thinkv.snapkv import SnapKVConfig
-from vllm_thinkv.snapkv.selection import snapkv_scores, top_tokens
+from vllm_thinkv.snapkv.selection import select_tokens, snapkv_scores, top_tokens
 
 
 def reference_scores(window_q, keys, scale, config):
@@ -43,3 +43,10 @@ def test_top_tokens_in_position_order_ties_to_earlier():
     scores = torch.tensor([[0.1, 0.9, 0.9, 0.5, 0.9, 0.2]])
     assert top_tokens(scores, 3).tolist() == [[1, 2, 4]]
     assert top_tokens(scores, 2).tolist() == [[1, 2]]
+
+
+def test_recent_policy_keeps_the_tokens_before_the_window():
+    config = SnapKVConfig(budget=5, window=3, policy="recent")
+    keys = torch.randn(20, 2, 8)
+    kept = select_tokens(torch.randn(3, 4, 8), keys, 1.0, config, 5)
+    assert kept.tolist() == [[12, 13, 14, 15, 16]] * 2

@@ -20,7 +20,7 @@ import torch
 
 from vllm_thinkv.kernels.torch_ops import gather_tokens
 from vllm_thinkv.snapkv.config import SnapKVConfig
-from vllm_thinkv.snapkv.selection import snapkv_scores, top_tokens
+from vllm_thinkv.snapkv.selection import select_tokens
 from vllm_thinkv.snapkv.tracker import Compaction, SnapKVStep
 
 
@@ -50,8 +50,8 @@ class SnapKVLayer:
         w = self.config.window
         keys = gather_tokens(key_cache, blocks, 0, c.prompt_len)  # [P, Hkv, r] (a copy)
         values = gather_tokens(value_cache, blocks, 0, c.prompt_len)  # [P, Hkv, d]
-        selected = top_tokens(snapkv_scores(self.window_queries.pop(c.key), keys, self.scale, self.config),
-                              c.kept_len - w)  # [Hkv, budget]
+        selected = select_tokens(self.window_queries.pop(c.key), keys, self.scale, self.config,
+                                 c.kept_len - w)  # [Hkv, budget]
         window = torch.arange(c.prompt_len - w, c.prompt_len, device=keys.device).expand(keys.shape[1], w)
         keep = torch.cat([selected, window], dim=1).T  # [kept, Hkv]
         new_keys = keys.gather(0, keep[..., None].expand(-1, -1, keys.shape[-1]))

@@ -47,6 +47,10 @@ def _prefill_and_select(model, input_ids: torch.Tensor, config: SnapKVConfig, ca
     pool = F.max_pool1d if config.pooling == "max" else F.avg_pool1d
     selections = []
     for layer in range(len(window_probs)):
+        if config.policy == "recent":
+            num_kv_heads = hf_config.num_key_value_heads
+            selections.append(torch.arange(prompt_len - w - budget, prompt_len - w).expand(num_kv_heads, budget).clone())
+            continue
         votes = window_probs[layer][:, :, : prompt_len - w].sum(dim=1)  # [H, P - w]
         pooled = pool(votes[:, None, :], config.kernel_size, stride=1, padding=config.kernel_size // 2)[:, 0]
         scores = pooled.view(-1, group, prompt_len - w).mean(dim=1)  # [Hkv, P - w]

@@ -3,7 +3,9 @@
     --hf-overrides '{"thinkv_snapkv": {"budget": 1024, "window": 32, "kernel_size": 7, "pooling": "max"}}'
 
 `budget` (tokens kept per KV head besides the window) or `budget_ratio` (a
-fraction of the prompt). A prompt of length P is compacted when P > budget + window:
+fraction of the prompt). `policy: "recent"` keeps the `budget` tokens just
+before the window instead of the best-scored ones: a naive baseline for
+measuring what the scores buy. A prompt of length P is compacted when P > budget + window:
 afterwards it occupies token positions [0, budget + window) of its cache and the
 positions [budget + window, P) form a gap whose whole blocks are freed.
 """
@@ -17,6 +19,7 @@ from vllm_thinkv.errors import ThinKVError
 
 HF_CONFIG_KEY = "thinkv_snapkv"
 POOLINGS = ("max", "avg")
+POLICIES = ("snapkv", "recent")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class SnapKVConfig:
     window: int = 32
     kernel_size: int = 7
     pooling: str = "max"
+    policy: str = "snapkv"
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ThinKVError:
@@ -47,6 +51,8 @@ class SnapKVConfig:
             raise bad(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
         if self.pooling not in POOLINGS:
             raise bad(f"unknown pooling {self.pooling!r} (supported: {', '.join(POOLINGS)})")
+        if self.policy not in POLICIES:
+            raise bad(f"unknown policy {self.policy!r} (supported: {', '.join(POLICIES)})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SnapKVConfig:

@@ -32,6 +32,16 @@ def snapkv_scores(window_q: torch.Tensor, keys: torch.Tensor, scale: float, conf
     return pooled.view(num_kv_heads, group, prompt_len - w).mean(dim=1)
 
 
+def select_tokens(window_q: torch.Tensor, keys: torch.Tensor, scale: float, config: SnapKVConfig,
+                  budget: int) -> torch.Tensor:
+    """The kept prompt tokens outside the window, [Hkv, budget] in position order."""
+    prompt_len, num_kv_heads, _ = keys.shape
+    if config.policy == "recent":
+        end = prompt_len - config.window
+        return torch.arange(end - budget, end, device=keys.device).expand(num_kv_heads, budget)
+    return top_tokens(snapkv_scores(window_q, keys, scale, config), budget)
+
+
 def top_tokens(scores: torch.Tensor, budget: int) -> torch.Tensor:
     """scores [Hkv, N] -> the `budget` best token indices per KV head [Hkv, budget], in
     position order. Equal scores (max-pooling makes plateaus) go to the earlier token."""
