@@ -33,6 +33,7 @@ def register() -> None:
         from vllm_thinkv.snapkv.kv_cache import register_snapkv_spec
 
         register_snapkv_spec()
+        _register_models()
     except Exception:  # never break vLLM start-up for users who did not ask for thinkv
         logger.exception("vllm-thinkv: registration failed; the thinkv attention backend is unavailable")
 
@@ -56,6 +57,15 @@ def _register_backend() -> None:
     # The alias: AttentionBackendEnum["THINKV"] is CUSTOM (enum members are
     # looked up in _member_map_; `register()` writes the same map).
     AttentionBackendEnum._member_map_.setdefault(BACKEND_ALIAS, custom)
+
+
+def _register_models() -> None:
+    from vllm import ModelRegistry
+
+    from vllm_thinkv.models import MODEL_CLASSES
+
+    for arch, path in MODEL_CLASSES.items():
+        ModelRegistry.register_model(arch, path)
 
 
 def _cpu_routing_available() -> bool:

@@ -95,3 +95,26 @@ def assert_greedy_equal(stock: list[dict], other: list[dict], tie_tol: float = 1
             assert abs(lp_a[str(ta)] - lp_b[str(tb)]) < logprob_tol, (
                 f"request {n}: token {i} log-prob {lp_a[str(ta)]} vs {lp_b[str(tb)]}"
             )
+
+
+# The prompt set of the stock-vs-thinkv comparisons: six lengths in one batch
+# (one longer than 4 blocks of 32), then a prompt sharing 20 full blocks with
+# the longest, which must be served from the prefix cache.
+LENGTHS = [5, 23, 64, 130, 300, 700]
+
+
+def make_spec(model_dir, max_tokens: int = 32, **engine) -> dict:
+    from transformers import AutoTokenizer
+
+    from tests.tiny import sample_text
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = prompts_from_text(tok, sample_text(), LENGTHS)
+    prefix_hit = prompts[-1][: 20 * 32] + prompts_from_text(tok, sample_text(), [40], offset=5000)[0]
+    return {
+        "model": str(model_dir),
+        "engine": {**ENGINE, **engine},
+        "batches": [prompts, [prefix_hit]],
+        "max_tokens": max_tokens,
+        "logprobs": 2,
+    }

@@ -8,28 +8,11 @@ must be served from the prefix cache.
 """
 
 import pytest
-from transformers import AutoTokenizer
 
-from tests.tiny import sample_text
-from tests.vllm.engine import ENGINE, assert_greedy_equal, prompts_from_text, run_engine
+from tests.vllm.engine import ENGINE, LENGTHS, assert_greedy_equal, make_spec, run_engine
 
 STOCK_IMPL = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl"
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
-LENGTHS = [5, 23, 64, 130, 300, 700]
-
-
-def make_spec(model_dir, max_tokens: int = 32, **engine) -> dict:
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompts_from_text(tok, sample_text(), LENGTHS)
-    longest = prompts[-1]
-    prefix_hit = longest[: 20 * 32] + prompts_from_text(tok, sample_text(), [40], offset=5000)[0]
-    return {
-        "model": str(model_dir),
-        "engine": {**ENGINE, **engine},
-        "batches": [prompts, [prefix_hit]],
-        "max_tokens": max_tokens,
-        "logprobs": 2,
-    }
 
 
 def check_run(run: dict, impl: str) -> None:
@@ -43,12 +26,6 @@ def check_run(run: dict, impl: str) -> None:
 def tiny_runs(tiny_llama_dir):
     spec = make_spec(tiny_llama_dir)
     return run_engine(spec), run_engine({**spec, "engine": {**spec["engine"], "attention_backend": "thinkv"}})
-
-
-@pytest.fixture(scope="module")
-def smollm2_runs(smollm2_dir):
-    spec = make_spec(smollm2_dir)
-    return run_engine(spec), run_engine({**spec, "engine": {**spec["engine"], "attention_backend": "THINKV"}})
 
 
 def test_plugin_installed_but_not_asked_keeps_stock_attention(tiny_runs):

