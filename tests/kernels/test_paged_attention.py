@@ -53,7 +53,7 @@ def _case_id(case):
 @pytest.mark.parametrize("dtype", MATRIX_DTYPES, ids=str)
 @pytest.mark.parametrize("case", HEAD_CASES, ids=_case_id)
 def test_mixed_batch_matches_reference(case, dtype):
-    r, d = case[0], case[1]
+    d = case[1]
     batch = _batch(*case, dtype)
     ref = reference_output(batch)
 

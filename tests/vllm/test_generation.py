@@ -9,7 +9,7 @@ must be served from the prefix cache.
 
 import pytest
 
-from tests.vllm.engine import ENGINE, LENGTHS, assert_greedy_equal, make_spec, run_engine
+from tests.vllm.engine import LENGTHS, assert_greedy_equal, make_spec, run_engine
 
 STOCK_IMPL = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl"
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
