@@ -20,6 +20,8 @@ from vllm_thinkv.errors import ThinKVError
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+QK_MULTIPLE = 8  # query/key head dims: multiples of 8 (tl.dot pads r < 16 to 16)
+V_MULTIPLE = 16  # value head dims: multiples of 16
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,19 @@ def _check_int32(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
         raise ThinKVError(f"{name} must be int32, got {t.dtype}")
 
 
+def check_qk_head_dim(r: int) -> None:
+    if r % QK_MULTIPLE or not QK_MULTIPLE <= r <= MAX_HEAD_DIM:
+        raise ThinKVError(
+            f"query/key head dim r={r} is unsupported: r must be a multiple of {QK_MULTIPLE} in [{QK_MULTIPLE}, {MAX_HEAD_DIM}]"
+        )
+
+
 def check_head_dims(r: int, d: int) -> None:
     """Thin keys: r any multiple of 8 in [8, 256]; values: d a multiple of 16 in [16, 256]."""
-    if r % 8 or not 8 <= r <= MAX_HEAD_DIM:
-        raise ThinKVError(f"query/key head dim r={r} is unsupported: r must be a multiple of 8 in [8, {MAX_HEAD_DIM}]")
-    if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
+    check_qk_head_dim(r)
+    if d % V_MULTIPLE or not V_MULTIPLE <= d <= MAX_HEAD_DIM:
         raise ThinKVError(
-            f"value head dim d={d} is unsupported: d must be a multiple of 16 in [16, {MAX_HEAD_DIM}] "
+            f"value head dim d={d} is unsupported: d must be a multiple of {V_MULTIPLE} in [{V_MULTIPLE}, {MAX_HEAD_DIM}] "
             "(64, 128 and 256 are the tested sizes)"
         )
 

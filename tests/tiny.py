@@ -7,17 +7,14 @@ chat template so `/v1/chat/completions` works.
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
+
+from vllm_thinkv.hf.text import packaged_text
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-def sample_text() -> str:
-    return files("vllm_thinkv").joinpath("data/emma.txt").read_text()
 
 
 def build_tokenizer(out: Path, vocab_size: int = 2048):
@@ -32,7 +29,7 @@ def build_tokenizer(out: Path, vocab_size: int = 2048):
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = sample_text()
+    text = packaged_text()
     tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"

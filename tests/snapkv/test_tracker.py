@@ -46,3 +46,15 @@ def test_padding_rows_are_ignored():
     t = SnapKVTracker(CONFIG)
     s = step(t, [(5, 60, 60, True), (0, 0, 0, False)])
     assert s.window_rows == [0] and s.gaps == [(0, 0), (0, 0)]
+
+
+def test_short_prompt_releases_its_window_and_recompute_chunk_past_the_prompt():
+    t = SnapKVTracker(CONFIG)
+    step(t, [(4, 30, 30, True)])
+    s = step(t, [(4, 1, 31, False)])
+    assert s.released == [4] and not s.compactions and s.gaps == [(0, 0)]
+    # A recompute whose first row after the prompt is itself several tokens long (q_len > 1).
+    step(t, [(6, 64, 64, True)])
+    step(t, [(6, 40, 104, True)])
+    s = step(t, [(6, 20, 124, False)])
+    assert [(c.prompt_len, c.kept_len) for c in s.compactions] == [(104, 48)] and s.gaps == [(48, 104)]

@@ -106,11 +106,11 @@ LENGTHS = [5, 23, 64, 130, 300, 700]
 def make_spec(model_dir, max_tokens: int = 32, **engine) -> dict:
     from transformers import AutoTokenizer
 
-    from tests.tiny import sample_text
+    from vllm_thinkv.hf.text import packaged_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompts_from_text(tok, sample_text(), LENGTHS)
-    prefix_hit = prompts[-1][: 20 * 32] + prompts_from_text(tok, sample_text(), [40], offset=5000)[0]
+    prompts = prompts_from_text(tok, packaged_text(), LENGTHS)
+    prefix_hit = prompts[-1][: 20 * 32] + prompts_from_text(tok, packaged_text(), [40], offset=5000)[0]
     return {
         "model": str(model_dir),
         "engine": {**ENGINE, **engine},

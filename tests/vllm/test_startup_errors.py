@@ -28,8 +28,8 @@ def test_sliding_window_rejected(tiny_llama_dir, tmp_path):
 
 
 def test_unsupported_value_head_size_rejected(tmp_path):
-    model = build_tiny_llama(tmp_path / "hd80", head_dim=80, num_layers=2)
-    expect_startup_failure(model, "thinkv backend: value head size 80 is not supported (supported: 64, 128, 256)")
+    model = build_tiny_llama(tmp_path / "hd72", head_dim=72, num_layers=2)
+    expect_startup_failure(model, "value head dim d=72 is unsupported: d must be a multiple of 16")
 
 
 def test_fp8_kv_cache_rejected_by_thinkv_serve(tiny_llama_dir, tmp_path):

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.compress.models import tiny_model
-from tests.tiny import build_tokenizer, sample_text
+from tests.tiny import build_tokenizer
 from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
+from vllm_thinkv.hf.text import packaged_text
 
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
 
@@ -26,7 +27,7 @@ def compress(src, out, method: str, rank: int, *extra: str):
 def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> tuple[float, dict]:
     """Max |prompt log-prob difference| between vLLM and the transformers reference."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompts_from_text(tok, sample_text(), list(lengths))
+    prompts = prompts_from_text(tok, packaged_text(), list(lengths))
     # No --attention-backend: a thin model must pick the thinkv backend by itself.
     spec = {"model": str(model_dir), "engine": {**ENGINE, "block_size": 16, **(engine or {})},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
@@ -77,7 +78,7 @@ def test_smollm2_r16_matches_transformers_and_fits_1_6x_the_tokens(smollm2_r16, 
 def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path):
     offline = compress(tiny_llama_dir, tmp_path / "offline", "pca", 32)
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    prompts = prompts_from_text(tok, sample_text(), [50, 120])
+    prompts = prompts_from_text(tok, packaged_text(), [50, 120])
     overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 32}}
     spec = {"model": str(tiny_llama_dir), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}

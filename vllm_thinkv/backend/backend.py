@@ -6,7 +6,8 @@ the selector does not see (CPU skips selection) with messages that name the
 problem and what is supported.
 
 Head sizes: vLLM passes the QK head size (`head_size` = r) here; the V head
-size d arrives with the layer's KV-cache spec and is checked in `customize_spec`.
+size d arrives with the layer's KV-cache spec and is checked in `customize_spec`
+(the rules are the kernels' own: `vllm_thinkv.kernels.checks`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
 
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import check_head_dims, check_qk_head_dim
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 if TYPE_CHECKING:
@@ -33,30 +35,13 @@ THINKV_REASONS = {
     "sliding window not supported": "thinkv backend does not support sliding-window attention",
     "attention sinks not supported": "thinkv backend does not support attention sinks",
     "MLA not supported": "thinkv backend does not support MLA models",
+    "compute capability not supported": "thinkv kernels need a GPU with compute capability 8.0 or newer",
     "KV connector not supported": "thinkv backend does not support KV-transfer connectors",
 }
 
-# What the kernels implement (see `vllm_thinkv.kernels`).
-QK_HEAD_SIZES = tuple(range(8, 257, 8))
-V_HEAD_SIZES = (64, 128, 256)
+# What the kernels implement is checked by the kernels' own functions (one rule, one place).
 BLOCK_SIZE_MULTIPLE = 16
-
-
-def check_qk_head_size(head_size: int) -> None:
-    if head_size not in QK_HEAD_SIZES:
-        raise ThinKVError(
-            f"thinkv backend: query/key head size {head_size} is not supported "
-            f"(supported: multiples of 8 from 8 to 256)"
-        )
-
-
-def check_v_head_size(head_size_v: int) -> None:
-    if head_size_v not in V_HEAD_SIZES:
-        raise ThinKVError(
-            f"thinkv backend: value head size {head_size_v} is not supported "
-            f"(supported: {', '.join(map(str, V_HEAD_SIZES))})"
-        )
-
+MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core dots
 
 class ThinKVBackend(AttentionBackend):
     """Paged attention with QK head size r and V head size d (DiffKV cache layout)."""
@@ -103,7 +88,15 @@ class ThinKVBackend(AttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return head_size in QK_HEAD_SIZES
+        try:
+            check_qk_head_dim(head_size)
+        except ThinKVError:
+            return False
+        return True
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability is None or (capability.major, capability.minor) >= MIN_COMPUTE_CAPABILITY
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
@@ -156,10 +149,9 @@ class ThinKVBackend(AttentionBackend):
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         # The one place vLLM shows the backend the V head size before allocation.
-        check_qk_head_size(spec.head_size)
-        check_v_head_size(spec.head_size_v)
+        check_head_dims(spec.head_size, spec.head_size_v)
         if cls.snapkv is not None:
-            from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
+            from vllm_thinkv.snapkv.kv_cache import snapkv_spec
 
-            return SnapKVSpec.from_spec(spec, cls.snapkv)
+            return snapkv_spec(spec, cls.snapkv)
         return spec

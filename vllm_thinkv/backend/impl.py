@@ -13,11 +13,12 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
-from vllm_thinkv.backend.backend import ThinKVBackend, check_qk_head_size
+from vllm_thinkv.backend.backend import ThinKVBackend
 from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import check_qk_head_dim
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
@@ -57,7 +58,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             raise _unsupported("ALiBi")
         if logits_soft_cap:
             raise _unsupported(f"logit soft-capping ({logits_soft_cap})")
-        if kv_cache_dtype not in ("auto", "float16", "bfloat16"):
+        if kv_cache_dtype not in ThinKVBackend.supported_kv_cache_dtypes:
             raise _unsupported(f"kv-cache-dtype {kv_cache_dtype!r}")
         if kv_sharing_target_layer_name is not None:
             raise _unsupported("cross-layer KV-cache sharing")
@@ -69,7 +70,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         if unknown:
             raise _unsupported(f"the attention options {sorted(unknown)}")
         # d is checked against the cache spec in ThinKVBackend.customize_spec.
-        check_qk_head_size(head_size)
+        check_qk_head_dim(head_size)
 
         self.num_heads = num_heads
         self.head_size = head_size  # r, the query/key size
@@ -80,8 +81,8 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.kv_sharing_target_layer_name = None
         self.ops = select_ops(torch.device("cpu" if current_platform.is_cpu() else "cuda"))
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
-        snapkv = _deployment_settings()
-        self.snapkv = None if snapkv is None else SnapKVLayer(snapkv, self.scale, self.ops.write_kv)
+        snapkv, max_num_seqs = _deployment_settings(kv_cache_dtype)
+        self.snapkv = None if snapkv is None else SnapKVLayer(snapkv, self.scale, self.ops.write_kv, max_num_seqs)
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, Hkv, N, r + d] -> K [B, N, Hkv, r], V [B, N, Hkv, d] (views)."""
@@ -138,18 +139,24 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         return output
 
 
-def _deployment_settings() -> SnapKVConfig | None:
-    """Read and validate the thinkv settings of the model config, at model
-    construction: the SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`),
-    which also reach the KV-cache spec (and through it the engine core's block
-    manager) via ThinKVBackend; and a `thinkv` compression section on a model
-    that would ignore it."""
+def _deployment_settings(kv_cache_dtype: str) -> tuple[SnapKVConfig | None, int]:
+    """Validate what the model config asks of the backend, at model construction,
+    and return the SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`;
+    they also reach the KV-cache spec, and through it the engine core's block
+    manager, via ThinKVBackend) with the scheduler's max_num_seqs."""
     from vllm.config import get_current_vllm_config
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     from vllm_thinkv.config import ARCHITECTURES
 
     vllm_config = get_current_vllm_config()
-    hf_config = vllm_config.model_config.hf_config
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    if kv_cache_dtype != "auto" and kv_cache_dtype_str_to_dtype(kv_cache_dtype, model_config) != model_config.dtype:
+        raise _unsupported(f"a {kv_cache_dtype} KV cache for a {model_config.dtype} model (the KV cache must be "
+                           "in the model dtype; use --kv-cache-dtype auto)")
+    if vllm_config.kv_transfer_config is not None:
+        raise _unsupported("KV-transfer connectors (--kv-transfer-config)")
     archs = list(getattr(hf_config, "architectures", None) or [])
     if getattr(hf_config, "thinkv", None) is not None and not any(a in ARCHITECTURES.values() for a in archs):
         thin = ARCHITECTURES.get(archs[0] if archs else "", "ThinKVLlamaForCausalLM")
@@ -158,10 +165,15 @@ def _deployment_settings() -> SnapKVConfig | None:
             f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{thin}"], "thinkv": ...}}\''
         )
     config = SnapKVConfig.from_hf_config(hf_config)
-    if config is not None and vllm_config.speculative_config is not None:
-        raise ThinKVError("thinkv SnapKV does not support speculative decoding")
-    ThinKVBackend.configure_snapkv(config)
     if config is not None:
+        if vllm_config.speculative_config is not None:
+            raise ThinKVError("thinkv SnapKV does not support speculative decoding")
+        if vllm_config.use_v2_model_runner:
+            # MRV2 re-admits a preempted request with its generated tokens as "prefill"
+            # (is_prefilling), which the block manager cannot see: the two would
+            # disagree about when the prompt was compacted.
+            raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
                          "(compaction rewrites prompt blocks)", str(config.to_dict()))
-    return config
+    ThinKVBackend.configure_snapkv(config)
+    return config, vllm_config.scheduler_config.max_num_seqs

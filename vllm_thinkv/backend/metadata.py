@@ -1,7 +1,7 @@
 """Per-batch metadata for the thinkv backend.
 
 The kernels need only what vLLM's `CommonAttentionMetadata` already holds
-(query start offsets, context lengths, block table, slot mapping, and the host
+(query start offsets, context lengths, block table, and the host
 maxima that let the op choose decode vs prefill tiles without a device sync).
 """
 
@@ -26,7 +26,6 @@ class ThinKVMetadata:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context incl. this step's tokens
     block_table: torch.Tensor  # [num_seqs, max_blocks] int32
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
     # SnapKV (None when off): this step's plan, its host copy of query starts,
     # and the per-row [start, end) gaps of compacted requests (None if no row has one).
     snapkv: SnapKVStep | None = None
@@ -58,7 +57,6 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
             query_start_loc=m.query_start_loc,
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping,
         )
         if self.snapkv is not None:
             self._plan_snapkv(metadata, m)

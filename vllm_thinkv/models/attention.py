@@ -34,11 +34,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm_thinkv.backend import ThinKVBackend
 from vllm_thinkv.config import ThinKVConfig
 from vllm_thinkv.errors import ThinKVError
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from vllm_thinkv.hf.capture import rotate_half
 
 
 class ThinKVAttention(nn.Module):
@@ -117,8 +113,8 @@ class ThinKVAttention(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         qf = q.float().view(t, self.num_kv_heads, self.group, self.rank)
         kf = k.float().view(t, self.num_kv_heads, self.rank)
-        qf = qf * cos[:, :, None] + _rotate_half(qf) * sin[:, :, None]
-        kf = kf * cos + _rotate_half(kf) * sin
+        qf = qf * cos[:, :, None] + rotate_half(qf) * sin[:, :, None]
+        kf = kf * cos + rotate_half(kf) * sin
         return qf.to(q.dtype).view(t, -1), kf.to(k.dtype).view(t, -1)
 
     def _project(self, q: torch.Tensor, k: torch.Tensor):

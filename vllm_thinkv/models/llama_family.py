@@ -52,11 +52,17 @@ def resolve_thin_config(vllm_config) -> tuple[ThinKVConfig, dict[str, torch.Tens
 def _compress_at_load(vllm_config, request: CompressRequest):
     from vllm_thinkv.compress.pretrained import compress_pretrained
 
+    if vllm_config.parallel_config.world_size > 1:
+        # Every rank would load and calibrate the full original model on its own device.
+        raise ThinKVError("load-time compression runs on a single GPU; with tensor/pipeline parallelism, "
+                          "compress offline (`thinkv compress`) and serve the thin checkpoint")
     model_dir = vllm_config.model_config.model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("thinkv: compressing %s at load time (%s) on %s", model_dir, request.to_dict(), device)
     cfg, tensors, original = compress_pretrained(model_dir, request, device=device, progress=False)
     del original
+    if device == "cuda":
+        torch.cuda.empty_cache()
     logger.info("thinkv: load-time compression done: %s ranks %s", cfg.method, list(cfg.ranks))
     return cfg, {name: t.cpu() for name, t in tensors.items()}
 

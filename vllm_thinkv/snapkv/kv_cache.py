@@ -21,6 +21,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 
@@ -81,11 +82,25 @@ class SnapKVManager(FullAttentionManager):
         self._scheduled_end[request_id] = num_tokens_main_model
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
-    def free(self, request_id: str) -> None:
-        # Finished or preempted: a recomputed request starts over from position 0.
+    def pop_blocks_for_free(self, request_id: str):
+        # Every way vLLM frees a request (finished, aborted, preempted; deferred frees
+        # included) goes through here: a recomputed request starts over from position 0.
         self._scheduled_end.pop(request_id, None)
         self._compaction_start.pop(request_id, None)
-        super().free(request_id)
+        return super().pop_blocks_for_free(request_id)
+
+
+def snapkv_spec(spec: FullAttentionSpec, config: SnapKVConfig) -> SnapKVSpec:
+    """The layer's spec with SnapKV settings; refuses to go on if vLLM would manage it
+    with a manager that never frees (the plugin's registration failed)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    out = SnapKVSpec.from_spec(spec, config)
+    manager = KVCacheSpecRegistry.get_manager_class(out)
+    if manager is not SnapKVManager:
+        raise ThinKVError(f"thinkv SnapKV: vLLM would manage its KV cache with {getattr(manager, '__name__', manager)}, "
+                          "which never frees blocks (the vllm-thinkv plugin did not register its KV-cache spec; see the log)")
+    return out
 
 
 def register_snapkv_spec() -> None:

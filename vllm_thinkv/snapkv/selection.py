@@ -16,20 +16,25 @@ from vllm_thinkv.snapkv.config import SnapKVConfig
 
 
 def snapkv_scores(window_q: torch.Tensor, keys: torch.Tensor, scale: float, config: SnapKVConfig) -> torch.Tensor:
-    """window_q [w, H, r] (prompt positions P-w..P-1), keys [P, Hkv, r] -> scores [Hkv, P - w] (fp32)."""
+    """window_q [w, H, r] (prompt positions P-w..P-1), keys [P, Hkv, r] -> scores [Hkv, P - w] (fp32).
+
+    One KV head at a time, so the transient fp32 attention is [g, w, P], not [H, w, P]."""
     w, num_heads, r = window_q.shape
     prompt_len, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
-    q = window_q.float().view(w, num_kv_heads, group, r).permute(1, 2, 0, 3).reshape(num_kv_heads, group * w, r)
-    logits = torch.bmm(q, keys.float().permute(1, 2, 0)).view(num_kv_heads, group, w, prompt_len) * scale
     # Window query j sits at position P - w + j and sees keys 0 .. P - w + j.
     positions = torch.arange(prompt_len, device=keys.device)
     query_pos = torch.arange(prompt_len - w, prompt_len, device=keys.device)
-    logits.masked_fill_(positions[None, :] > query_pos[:, None], float("-inf"))
-    votes = logits.softmax(dim=-1)[..., : prompt_len - w].sum(dim=2)  # [Hkv, g, P - w]
+    future = positions[None, :] > query_pos[:, None]  # [w, P]
     pool = F.max_pool1d if config.pooling == "max" else F.avg_pool1d
-    pooled = pool(votes.reshape(-1, 1, prompt_len - w), config.kernel_size, stride=1, padding=config.kernel_size // 2)
-    return pooled.view(num_kv_heads, group, prompt_len - w).mean(dim=1)
+    scores = torch.empty(num_kv_heads, prompt_len - w, dtype=torch.float32, device=keys.device)
+    for h in range(num_kv_heads):
+        q = window_q[:, h * group:(h + 1) * group].float().transpose(0, 1)  # [g, w, r]
+        logits = (q @ keys[:, h].float().T) * scale  # [g, w, P]
+        votes = logits.masked_fill_(future, float("-inf")).softmax(dim=-1)[..., : prompt_len - w].sum(dim=1)
+        pooled = pool(votes[:, None, :], config.kernel_size, stride=1, padding=config.kernel_size // 2)
+        scores[h] = pooled[:, 0].mean(dim=0)
+    return scores
 
 
 def select_tokens(window_q: torch.Tensor, keys: torch.Tensor, scale: float, config: SnapKVConfig,

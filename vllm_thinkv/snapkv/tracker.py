@@ -38,6 +38,7 @@ class SnapKVStep:
     window_rows: list[int] = field(default_factory=list)  # prefill rows: keep their trailing queries
     restart_rows: list[int] = field(default_factory=list)  # rows starting at position 0
     compactions: list[Compaction] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)  # keys whose prompt turned out too short: drop their window
     gaps: list[tuple[int, int]] = field(default_factory=list)  # per row [start, end); (0, 0) = none
 
     @property
@@ -67,8 +68,10 @@ class SnapKVTracker:
                 kept = self.config.kept_len(start)
                 state = _FULL if kept is None else Compaction(row, key, start, kept)
                 self._state[key] = state
-                if kept is not None:
+                if kept is None:
+                    plan.released.append(key)
+                else:
                     plan.compactions.append(state)
-            compacted = isinstance(state, Compaction) and not is_prefilling[row]
+            compacted = isinstance(state, Compaction)
             plan.gaps.append((state.kept_len, state.prompt_len) if compacted else (0, 0))
         return plan
