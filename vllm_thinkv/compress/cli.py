@@ -1,0 +1,107 @@
+"""`thinkv compress MODEL_DIR OUT_DIR --method pairs|pca|svd --rank R [--calib FILES...]`
+
+Calibrates the original checkpoint with transformers, writes a thin-key HF
+checkpoint (safetensors + config.json with a ThinKV* architecture and the
+versioned `thinkv` section) that `vllm serve OUT_DIR --attention-backend thinkv`
+serves, and a JSON report next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from vllm_thinkv.config import METHODS, CompressRequest
+from vllm_thinkv.errors import ThinKVError
+
+log = logging.getLogger("vllm_thinkv.compress")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by compress and the quality benchmark: what to compress into."""
+    parser.add_argument("--method", required=True, choices=METHODS, help="pairs (exact RoPE pairs), pca (post-RoPE projection), svd (folded factorisation; fine-tune after)")
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="uniform QK head size r (multiple of 8, <= head_dim)")
+    g.add_argument("--rank-budget", type=int, metavar="AVG", help="mean r; per-layer ranks allocated from calibration statistics")
+    parser.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="calibration text files (default: the public-domain text shipped in the package)")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, spread evenly over the files (default 16384)")
+    parser.add_argument("--calib-ctx", type=int, default=1024, help="calibration window length in tokens (default 1024)")
+    parser.add_argument("--skip-chars", type=int, default=5000, help="characters of front matter skipped in each --calib file (default 5000)")
+    parser.add_argument("--svd-max-phase", type=float, default=None, help="svd: max phase drift (radians) over the horizon between merged rotary frequencies (default 0.5)")
+    parser.add_argument("--svd-horizon", type=int, default=None, help="svd: context length (tokens) the merge tolerance applies to (default: max_position_embeddings)")
+
+
+def request_from_args(args: argparse.Namespace) -> tuple[CompressRequest, object | None]:
+    """The request and an optional method object with non-default parameters."""
+    request = CompressRequest(
+        method=args.method,
+        rank=args.rank,
+        rank_budget=args.rank_budget,
+        calib=tuple(args.calib),
+        calib_tokens=args.calib_tokens,
+        calib_ctx=args.calib_ctx,
+    )
+    method = None
+    if args.svd_max_phase is not None or args.svd_horizon is not None:
+        if args.method != "svd":
+            raise ThinKVError("--svd-max-phase/--svd-horizon apply to --method svd only")
+        from vllm_thinkv.compress.svd import Svd
+
+        method = Svd(max_phase=args.svd_max_phase if args.svd_max_phase is not None else Svd.max_phase, horizon=args.svd_horizon)
+    return request, method
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="original HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the thin-key checkpoint")
+    add_request_arguments(parser)
+    parser.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    from transformers import AutoTokenizer
+
+    from vllm_thinkv.compress.api import calibration_windows, compress_model
+    from vllm_thinkv.compress.checkpoint import check_out_dir, write_checkpoint
+    from vllm_thinkv.compress.pretrained import load_original, precheck
+    from vllm_thinkv.hf.thin_model import make_thin
+
+    t0 = time.time()
+    request, method = request_from_args(args)
+    if Path(args.out_dir).resolve() == Path(args.model_dir).resolve():
+        raise ThinKVError("OUT_DIR must differ from MODEL_DIR")
+    check_out_dir(args.out_dir, args.overwrite)
+    precheck(args.model_dir, request)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    windows, provenance = calibration_windows(tokenizer, request, skip_chars=args.skip_chars)
+    log.info("calibration: %d windows x %d tokens from %s", windows.shape[0], windows.shape[1], ", ".join(provenance["texts"]))
+    provenance["source"] = str(Path(args.model_dir).resolve())  # the teacher for `thinkv finetune`
+    model = load_original(args.model_dir, args.device)
+    t1 = time.time()
+    cfg, tensors = compress_model(model, request, windows, progress=not args.no_progress, provenance=provenance, method=method)
+    t2 = time.time()
+    make_thin(model, cfg, tensors)
+    out = write_checkpoint(model, args.model_dir, args.out_dir, overwrite=args.overwrite)
+    report = {
+        "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "model_dir": str(args.model_dir),
+        "out_dir": str(out),
+        "thinkv": cfg.to_dict(),
+        "seconds": {"total": round(time.time() - t0, 1), "calibrate_and_compress": round(t2 - t1, 1)},
+        "device": str(args.device),
+    }
+    (out / "thinkv_compress.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}: method {cfg.method} ({cfg.form}), ranks {list(cfg.ranks)} (mean {cfg.mean_rank:g}) in {time.time() - t0:.0f} s")
+    print(f"serve it with: vllm serve {out} --attention-backend thinkv")
+    return 0

@@ -1,0 +1,197 @@
+"""QK fine-tuning of a thin model: only the q/k side trains, everything else stays bit-identical.
+
+Trainable: thin q_proj/k_proj weights and biases (rope_subspace form) or the
+q_basis/k_basis projections (post_rope_projection form). Two objectives,
+both distillation from the original model:
+
+* ``local`` (default): layer by layer, the thin attention block's output
+  (after o_proj, i.e. its contribution to the residual stream) is fitted to the
+  original block's output on the same inputs, by normalised MSE. Each layer
+  needs one attention forward/backward per step instead of a backward pass
+  through the whole network, so on CPU it is several times cheaper per step and
+  every layer gets its own direct signal. Inputs are the student's own residual
+  stream (`inputs="student"`, layers are fitted in order and later layers learn
+  to absorb earlier layers' residual error) or the teacher's (`"teacher"`).
+* ``kl``: KL(original ‖ thin) of the next-token distributions, end to end (what
+  a GPU run with more data should use; it optimises what PPL measures).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.hf.thin_attention import ThinKVAttention
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("local", "kl")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`steps`: optimiser steps per layer (local) or in total (kl), one window each.
+    `lr`: Adam step size relative to each tensor's RMS at the start (one knob
+    that suits weights and bases alike), cosine-decayed to 0."""
+
+    objective: str = "local"
+    steps: int = 64
+    lr: float = 3e-3
+    inputs: str = "student"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ThinKVError(f"unknown fine-tuning objective {self.objective!r}; supported: {', '.join(OBJECTIVES)}")
+        if self.inputs not in ("student", "teacher"):
+            raise ThinKVError(f"inputs must be 'student' or 'teacher', got {self.inputs!r}")
+        if self.steps < 1 or not self.lr > 0:
+            raise ThinKVError(f"steps ({self.steps}) must be >= 1 and lr ({self.lr}) > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def qk_parameters(attn: ThinKVAttention) -> list[nn.Parameter]:
+    """The tensors fine-tuning may change in one thin attention module."""
+    if attn.form == "rope_subspace":
+        mods = [attn.q_proj, attn.k_proj]
+        return [p for m in mods for p in (m.weight, m.bias) if p is not None]
+    return [attn.q_basis, attn.k_basis]
+
+
+def _thin_modules(model: nn.Module) -> list[ThinKVAttention]:
+    mods = [layer.self_attn for layer in model.model.layers]
+    if not all(isinstance(m, ThinKVAttention) for m in mods):
+        raise ThinKVError("fine-tuning needs a thin-key model (compress it first)")
+    return mods
+
+
+def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig, total: int):
+    groups = [{"params": [p], "lr": cfg.lr * float(p.detach().pow(2).mean().sqrt().clamp(min=1e-8))} for p in params]
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+def _freeze_all_but_qk(model: nn.Module) -> list[nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for attn in _thin_modules(model) for p in qk_parameters(attn)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def _causal_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)[None, None]
+
+
+def finetune(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, progress: bool = True
+) -> dict:
+    """Fine-tune `student` (thin) in place towards `teacher` (original) on token windows [N, T].
+    Returns a log with the objective before and after (per layer for `local`)."""
+    _thin_modules(student)
+    if len(student.model.layers) != len(teacher.model.layers):
+        raise ThinKVError("student and teacher have different numbers of layers")
+    student.train(False)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    try:
+        if cfg.objective == "kl":
+            return _finetune_kl(student, teacher, windows, cfg, progress)
+        return _finetune_local(student, teacher, windows, cfg, progress)
+    finally:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        if hasattr(student.config, "thinkv"):
+            student.config.thinkv = {**student.config.thinkv, "finetuned": True}
+
+
+def _finetune_local(student, teacher, windows, cfg: FinetuneConfig, progress: bool) -> dict:
+    device = next(student.parameters()).device
+    windows = windows.to(device)
+    n, t = windows.shape
+    pos = torch.arange(t, device=device)[None]
+    with torch.no_grad():
+        h_teacher = teacher.model.embed_tokens(windows)  # [N, T, hidden]
+        h_student = h_teacher.clone()
+        rope = teacher.model.rotary_emb(h_teacher[:1], pos)
+    mask = _causal_mask(t, h_teacher.dtype, device)
+    kw = dict(position_embeddings=rope, attention_mask=mask, position_ids=pos)
+    _freeze_all_but_qk(student)
+    layers = []
+    bar = tqdm(total=len(student.model.layers) * cfg.steps, desc="fine-tuning (local)", unit="step", disable=not progress)
+    for idx, (t_layer, s_layer) in enumerate(zip(teacher.model.layers, student.model.layers)):
+        with torch.no_grad():
+            x_t = t_layer.input_layernorm(h_teacher)
+            target = torch.cat([t_layer.self_attn(hidden_states=x_t[i : i + 1], **kw)[0] for i in range(n)])
+            x_s = s_layer.input_layernorm(h_student if cfg.inputs == "student" else h_teacher)
+            scale = target.pow(2).mean(dim=(1, 2))  # per window
+        attn = s_layer.self_attn
+
+        def loss_of(i: int) -> torch.Tensor:
+            return F.mse_loss(attn(hidden_states=x_s[i : i + 1], **kw)[0], target[i : i + 1]) / scale[i]
+
+        with torch.no_grad():
+            before = float(sum(loss_of(i) for i in range(n)) / n)
+        params = qk_parameters(attn)
+        opt, sched = _optimizer(params, cfg, cfg.steps)
+        for step in range(cfg.steps):
+            loss = loss_of(step % n)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+        with torch.no_grad():
+            after = float(sum(loss_of(i) for i in range(n)) / n)
+            h_teacher = torch.cat([t_layer(h_teacher[i : i + 1], **kw) for i in range(n)])
+            if cfg.inputs == "student":
+                h_student = torch.cat([s_layer(h_student[i : i + 1], **kw) for i in range(n)])
+        layers.append({"layer": idx, "before": before, "after": after})
+        bar.set_postfix(layer=idx, before=f"{before:.4f}", after=f"{after:.4f}")
+        log.debug("layer %d: attention-output NMSE %.5f -> %.5f", idx, before, after)
+    bar.close()
+    return {
+        "objective": "local",
+        "before": sum(x["before"] for x in layers) / len(layers),
+        "after": sum(x["after"] for x in layers) / len(layers),
+        "layers": layers,
+    }
+
+
+def _kl(student, teacher, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
+    s_logp = F.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
+    return F.kl_div(s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def _finetune_kl(student, teacher, windows, cfg: FinetuneConfig, progress: bool) -> dict:
+    device = next(student.parameters()).device
+    windows = windows.to(device)
+    n = windows.shape[0]
+    params = _freeze_all_but_qk(student)
+    with torch.no_grad():
+        before = float(sum(_kl(student, teacher, windows[i : i + 1]) for i in range(n)) / n)
+    opt, sched = _optimizer(params, cfg, cfg.steps)
+    bar = tqdm(range(cfg.steps), desc="fine-tuning (kl)", unit="step", disable=not progress)
+    for step in bar:
+        loss = _kl(student, teacher, windows[step % n : step % n + 1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+    with torch.no_grad():
+        after = float(sum(_kl(student, teacher, windows[i : i + 1]) for i in range(n)) / n)
+    return {"objective": "kl", "before": before, "after": after}

@@ -1,0 +1,302 @@
+"""The `thinkv` section of a checkpoint's config.json, and the compression request.
+
+Two dataclasses, one module, because both arrive through the same key:
+
+* `ThinKVConfig` describes a *compressed* checkpoint (weights already thin):
+  ``{"version": 1, "method": "pca", "form": "post_rope_projection", "ranks": [48, ...],
+  "head_dim": 64, "finetuned": false, "calibration": {...}}``.
+* `CompressRequest` asks for compression of an *original* checkpoint, at load
+  time (``--hf-overrides '{"thinkv": {"method": "pca", "rank": 48}}'``) or from
+  the CLI: ``{"method": "pca", "rank": 48 | "rank_budget": 32, "calib": path}``.
+
+`parse_thinkv_section` tells them apart (a checkpoint section has "version").
+Both validate on construction and raise `ThinKVError` naming the problem and
+what is supported, so bad input fails at start-up, not mid-way.
+
+Thin forms (how the thin model computes q·k; see `vllm_thinkv.hf.thin_attention`):
+
+* ``rope_subspace`` (pairs, svd): thin q_proj/k_proj rows and RoPE applied in
+  the r-dim space with per-KV-head inverse frequencies ``rope_inv_freq [Hkv, r/2]``.
+* ``post_rope_projection`` (pca; pairs on Qwen3): original q/k and RoPE at
+  full d, then per-KV-head bases ``q_basis``/``k_basis [Hkv, d, r]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_thinkv.errors import ThinKVError
+
+THINKV_VERSION = 1
+METHODS = ("pairs", "pca", "svd")
+FORMS = ("rope_subspace", "post_rope_projection")
+# The kernels support QK head sizes that are multiples of 8 in [8, 256].
+RANK_MULTIPLE = 8
+MAX_RANK = 256
+
+# original HF architecture -> thin architecture registered by the plugin
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "ThinKVLlamaForCausalLM",
+    "MistralForCausalLM": "ThinKVMistralForCausalLM",
+    "Qwen2ForCausalLM": "ThinKVQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "ThinKVQwen3ForCausalLM",
+}
+ORIGINAL_ARCHITECTURES: dict[str, str] = {v: k for k, v in ARCHITECTURES.items()}
+# RoPE types whose frequencies are static and unscaled, so a thin head can carry
+# its kept frequencies as a plain inverse-frequency tensor (rope_subspace form).
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def form_for(method: str, architecture: str) -> str:
+    """The thin form a method produces on an (original) architecture.
+
+    Qwen3 normalises each q/k head (RMSNorm over all d dims) before RoPE, so
+    its q/k cannot be sliced or projected inside q_proj/k_proj: `pairs` becomes
+    a selection basis after RoPE (exact), and `svd` (which folds a pre-RoPE
+    basis into k_proj) is refused.
+    """
+    _check_method(method)
+    _check_architecture(architecture)
+    if method == "pca":
+        return "post_rope_projection"
+    if architecture == "Qwen3ForCausalLM":
+        if method == "svd":
+            raise ThinKVError(
+                "method 'svd' folds a pre-RoPE key basis into k_proj, which Qwen3's per-head k_norm "
+                "(RMSNorm over the full head) prevents; use --method pca or pairs for Qwen3"
+            )
+        return "post_rope_projection"
+    return "rope_subspace"
+
+
+def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> None:
+    """Raise ThinKVError unless `rank` is a QK head size this method and the kernels support."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ThinKVError(f"{what} must be an integer, got {rank!r}")
+    if rank <= 0 or rank > head_dim:
+        raise ThinKVError(f"{what} {rank} is out of range: it must be in [1, head_dim = {head_dim}]")
+    if method == "pairs" and rank % 2:
+        raise ThinKVError(f"{what} {rank} is odd: 'pairs' keeps whole rotary pairs (2 dims each), so it must be even")
+    if rank % RANK_MULTIPLE or rank > MAX_RANK:
+        raise ThinKVError(
+            f"{what} {rank} is not supported by the thinkv kernels: they support QK head sizes that are "
+            f"multiples of {RANK_MULTIPLE} in [{RANK_MULTIPLE}, {MAX_RANK}]"
+        )
+
+
+def _check_method(method: Any) -> None:
+    if method not in METHODS:
+        raise ThinKVError(f"unknown thinkv method {method!r}; supported: {', '.join(METHODS)}")
+
+
+def _check_architecture(architecture: str) -> None:
+    if architecture not in ARCHITECTURES:
+        raise ThinKVError(
+            f"unsupported architecture {architecture!r}; thinkv supports {', '.join(ARCHITECTURES)}"
+        )
+
+
+def _check_keys(d: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ThinKVError(f"unknown key(s) in {what}: {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+@dataclass(frozen=True)
+class ThinKVConfig:
+    """The `thinkv` section of a compressed checkpoint (see module docstring)."""
+
+    method: str
+    form: str
+    ranks: tuple[int, ...]
+    head_dim: int
+    finetuned: bool = False
+    calibration: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    version: int = THINKV_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != THINKV_VERSION:
+            raise ThinKVError(
+                f"thinkv section version {self.version!r} is not supported; this vllm-thinkv reads version {THINKV_VERSION}"
+            )
+        _check_method(self.method)
+        if self.form not in FORMS:
+            raise ThinKVError(f"unknown thinkv form {self.form!r}; supported: {', '.join(FORMS)}")
+        allowed = {"pairs": FORMS, "pca": ("post_rope_projection",), "svd": ("rope_subspace",)}[self.method]
+        if self.form not in allowed:
+            raise ThinKVError(f"method {self.method!r} cannot produce form {self.form!r}; it produces {' or '.join(allowed)}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ThinKVError(f"head_dim must be a positive even integer, got {self.head_dim!r}")
+        object.__setattr__(self, "ranks", tuple(self.ranks))
+        if not self.ranks:
+            raise ThinKVError("thinkv section has an empty 'ranks' list; it needs one rank per layer")
+        for i, r in enumerate(self.ranks):
+            check_rank(r, self.head_dim, self.method, what=f"rank of layer {i}")
+        if not isinstance(self.finetuned, bool):
+            raise ThinKVError(f"'finetuned' must be true or false, got {self.finetuned!r}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def mean_rank(self) -> float:
+        return sum(self.ranks) / len(self.ranks)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ThinKVConfig:
+        if not isinstance(d, Mapping):
+            raise ThinKVError(f"the thinkv section must be a JSON object, got {type(d).__name__}")
+        _check_keys(d, {"version", "method", "form", "ranks", "head_dim", "finetuned", "calibration"}, "the thinkv section")
+        for key in ("version", "method", "form", "ranks", "head_dim"):
+            if key not in d:
+                raise ThinKVError(f"the thinkv section lacks {key!r}")
+        if not isinstance(d["ranks"], (list, tuple)):
+            raise ThinKVError(f"'ranks' must be a list of per-layer ranks, got {d['ranks']!r}")
+        return cls(
+            method=d["method"],
+            form=d["form"],
+            ranks=tuple(d["ranks"]),
+            head_dim=d["head_dim"],
+            finetuned=d.get("finetuned", False),
+            calibration=dict(d.get("calibration", {})),
+            version=d["version"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "method": self.method,
+            "form": self.form,
+            "ranks": list(self.ranks),
+            "head_dim": self.head_dim,
+            "finetuned": self.finetuned,
+            "calibration": dict(self.calibration),
+        }
+
+
+@dataclass(frozen=True)
+class CompressRequest:
+    """What to compress into: a method and either a uniform `rank` or a `rank_budget`
+    (mean rank, allocated per layer from calibration statistics).
+
+    `calib`: text files to calibrate on; empty = the public-domain text shipped
+    in the package (what load-time compression uses by default).
+    `calib_tokens`/`calib_ctx`: how much text, in windows of how many tokens.
+    """
+
+    method: str
+    rank: int | None = None
+    rank_budget: int | None = None
+    calib: tuple[str, ...] = ()
+    calib_tokens: int = 16384
+    calib_ctx: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_method(self.method)
+        if (self.rank is None) == (self.rank_budget is None):
+            raise ThinKVError("give exactly one of 'rank' (uniform) or 'rank_budget' (mean rank, allocated per layer)")
+        if isinstance(self.calib, str):
+            object.__setattr__(self, "calib", (self.calib,))
+        object.__setattr__(self, "calib", tuple(str(p) for p in self.calib))
+        for name in ("calib_tokens", "calib_ctx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 1:
+                raise ThinKVError(f"{name} must be an integer > 1, got {v!r}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Validate the requested rank against the model's head size (known once its config is read)."""
+        if self.rank is not None:
+            check_rank(self.rank, head_dim, self.method)
+        else:
+            check_rank(self.rank_budget, head_dim, self.method, what="rank budget")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CompressRequest:
+        if not isinstance(d, Mapping):
+            raise ThinKVError(f"the thinkv request must be a JSON object, got {type(d).__name__}")
+        _check_keys(d, {"method", "rank", "rank_budget", "calib", "calib_tokens", "calib_ctx"}, "the thinkv request")
+        if "method" not in d:
+            raise ThinKVError(f"the thinkv request lacks 'method' (one of {', '.join(METHODS)})")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method}
+        if self.rank is not None:
+            out["rank"] = self.rank
+        else:
+            out["rank_budget"] = self.rank_budget
+        out.update(calib=list(self.calib), calib_tokens=self.calib_tokens, calib_ctx=self.calib_ctx)
+        return out
+
+
+def parse_thinkv_section(d: Mapping[str, Any]) -> ThinKVConfig | CompressRequest:
+    """A checkpoint's section (has "version") or a compression request (has "rank"/"rank_budget")."""
+    if isinstance(d, Mapping) and "version" in d:
+        return ThinKVConfig.from_dict(d)
+    return CompressRequest.from_dict(d)
+
+
+def rope_type(hf_config: Any) -> str:
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
+
+
+def expected_shapes(cfg: ThinKVConfig, hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """Shapes of the q/k-side tensors a thin checkpoint must hold, by HF name.
+
+    Shared by `hf.load` and the vLLM loader so that both reject a checkpoint
+    whose `thinkv` section disagrees with its weights in the same words.
+    """
+    num_layers = hf_config.num_hidden_layers
+    if cfg.num_layers != num_layers:
+        raise ThinKVError(f"the thinkv section lists {cfg.num_layers} layer ranks but the model has {num_layers} layers")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    if cfg.head_dim != head_dim:
+        raise ThinKVError(f"the thinkv section says head_dim {cfg.head_dim} but the model config has {head_dim}")
+    h, hkv, hidden = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.hidden_size
+    bias = bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2"
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, r in enumerate(cfg.ranks):
+        p = f"model.layers.{i}.self_attn."
+        if cfg.form == "rope_subspace":
+            shapes[p + "q_proj.weight"] = (h * r, hidden)
+            shapes[p + "k_proj.weight"] = (hkv * r, hidden)
+            if bias:
+                shapes[p + "q_proj.bias"] = (h * r,)
+                shapes[p + "k_proj.bias"] = (hkv * r,)
+            shapes[p + "rope_inv_freq"] = (hkv, r // 2)
+        else:
+            shapes[p + "q_proj.weight"] = (h * head_dim, hidden)
+            shapes[p + "k_proj.weight"] = (hkv * head_dim, hidden)
+            if bias:
+                shapes[p + "q_proj.bias"] = (h * head_dim,)
+                shapes[p + "k_proj.bias"] = (hkv * head_dim,)
+            shapes[p + "q_basis"] = (hkv, head_dim, r)
+            shapes[p + "k_basis"] = (hkv, head_dim, r)
+    return shapes
+
+
+def check_shapes(
+    cfg: ThinKVConfig, hf_config: Any, shapes: Mapping[str, tuple[int, ...]], only_thin: bool = False
+) -> None:
+    """Raise ThinKVError naming the layer and the mismatch if `shapes` (tensor name ->
+    shape, as found in the checkpoint) disagree with the thinkv section.
+
+    `only_thin`: check just the tensors compression changes or adds (what
+    `compress_model` returns), not the original q/k projections of the
+    post_rope_projection form."""
+    for name, want in expected_shapes(cfg, hf_config).items():
+        if only_thin and cfg.form == "post_rope_projection" and "_proj." in name:
+            continue
+        got = shapes.get(name)
+        if got is None:
+            raise ThinKVError(f"checkpoint lacks {name} required by its thinkv section ({cfg.method}, {cfg.form})")
+        if tuple(got) != want:
+            layer = name.split(".")[2]
+            raise ThinKVError(
+                f"layer {layer}: {name} has shape {tuple(got)} but the thinkv section (rank {cfg.ranks[int(layer)]}, "
+                f"form {cfg.form}) implies {want}"
+            )
