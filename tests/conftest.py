@@ -28,3 +28,21 @@ def smollm2_dir():
     from vllm_thinkv.hf.smollm2 import smollm2_dir as convert
 
     return convert()
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """Import `benchmarks/NAME.py` (not a package) as a module, so its `main(argv)` runs in-process."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load

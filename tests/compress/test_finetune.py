@@ -11,7 +11,7 @@ import torch
 from tests.compress.models import calib_windows, tiny_model
 from vllm_thinkv.cli import main
 from vllm_thinkv.compress import compress_model
-from vllm_thinkv.compress.finetune import FinetuneConfig, finetune
+from vllm_thinkv.compress.finetune import FinetuneConfig, finetune, loss_curve
 from vllm_thinkv.config import CompressRequest, ThinKVConfig
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
@@ -39,6 +39,26 @@ def test_finetune_reduces_objective_and_touches_only_qk(method, objective):
     assert all(torch.equal(v, teacher_before[k]) for k, v in model.state_dict().items())  # teacher untouched
 
 
+@pytest.mark.parametrize("bases_only", [False, True])
+def test_pca_finetune_trains_the_projections_unless_bases_only(bases_only):
+    model = tiny_model("llama")
+    windows = calib_windows(model, n=2, ctx=48)
+    cfg, tensors = compress_model(model, CompressRequest("pca", rank=16), windows, progress=False)
+    student = make_thin(copy.deepcopy(model), cfg, tensors)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    log = finetune(student, model, windows, FinetuneConfig(steps=5, lr=3e-2, bases_only=bases_only), progress=False)
+    changed = {k.split(".")[-2 if k.endswith(("weight", "bias")) else -1] for k, v in student.state_dict().items()
+               if not torch.equal(before[k], v)}
+    assert changed == ({"q_basis", "k_basis"} if bases_only else {"q_basis", "k_basis", "q_proj", "k_proj"})
+    assert log["after"] < log["before"]
+    assert [c[0] for c in log["curve"]] == list(range(5)) and all(len(x["curve"]) == 5 for x in log["layers"])
+
+
+def test_loss_curve_buckets():
+    assert loss_curve([1.0, 3.0, 5.0], points=2) == [[0, 2.0], [2, 5.0]]
+    assert loss_curve([4.0] * 64, points=32)[-1] == [62, 4.0] and len(loss_curve([4.0] * 64)) == 32
+
+
 def test_finetune_refuses_an_original_model():
     model = tiny_model("llama")
     with pytest.raises(ThinKVError, match="needs a thin-key model"):
@@ -55,6 +75,12 @@ def test_finetune_cli_writes_a_finetuned_checkpoint(tiny_llama_dir, tmp_path, ca
     assert section.finetuned and section.ranks == (16,) * 4
     assert section.calibration["finetune"]["objective"] == "local"
     load(tuned)  # loads strictly
+    pca, pca_tuned = tmp_path / "pca", tmp_path / "pca-tuned"
+    assert main(["compress", str(tiny_llama_dir), str(pca), "--method", "pca", "--rank", "16",
+                 "--calib-tokens", "256", "--calib-ctx", "128", *fast]) == 0
+    assert main(["finetune", str(pca), str(pca_tuned), "--steps", "3", "--ctx", "64", "--windows", "2", "--lr", "3e-2", *fast]) == 0
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(load(pca_tuned).state_dict()[q], load(pca).state_dict()[q])  # fine-tuned q_proj is saved
     assert main(["finetune", str(thin), str(tuned), "--steps", "1", *fast]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["finetune", str(tiny_llama_dir), str(tmp_path / "x"), *fast]) == 2

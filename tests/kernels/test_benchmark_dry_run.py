@@ -1,20 +1,11 @@
 """benchmarks/kernels.py runs end to end in its --dry-run mode, so the GPU benchmark cannot rot."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_benchmark_dry_run_writes_results(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+def test_benchmark_dry_run_writes_results(tmp_path, capsys, load_benchmark):
+    module = load_benchmark("kernels")
 
     assert module.main(["--dry-run", "--out", str(tmp_path)]) == 0
     [json_path] = tmp_path.glob("kernels-*-dry-run.json")

@@ -2,8 +2,8 @@
 
 Calibrates the original checkpoint with transformers, writes a thin-key HF
 checkpoint (safetensors + config.json with a ThinKV* architecture and the
-versioned `thinkv` section) that `vllm serve OUT_DIR --attention-backend thinkv`
-serves, and a JSON report next to it.
+versioned `thinkv` section) that `vllm serve OUT_DIR` serves (a thin checkpoint
+always runs on the thinkv backend), and a JSON report next to it.
 """
 
 from __future__ import annotations
@@ -103,5 +103,5 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "thinkv_compress.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}: method {cfg.method} ({cfg.form}), ranks {list(cfg.ranks)} (mean {cfg.mean_rank:g}) in {time.time() - t0:.0f} s")
-    print(f"serve it with: vllm serve {out} --attention-backend thinkv")
+    print(f"serve it with: vllm serve {out}  (thin checkpoints always use the thinkv backend)")
     return 0

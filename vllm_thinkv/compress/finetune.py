@@ -1,7 +1,9 @@
 """QK fine-tuning of a thin model: only the q/k side trains, everything else stays bit-identical.
 
-Trainable: thin q_proj/k_proj weights and biases (rope_subspace form) or the
-q_basis/k_basis projections (post_rope_projection form). Two objectives,
+Trainable: thin q_proj/k_proj weights and biases (rope_subspace form), or the
+q_basis/k_basis projections and (unless `bases_only`) the full-d q_proj/k_proj
+feeding them (post_rope_projection form; the checkpoint stores those anyway).
+Two objectives,
 both distillation from the original model:
 
 * ``local`` (default): layer by layer, the thin attention block's output
@@ -39,12 +41,14 @@ OBJECTIVES = ("local", "kl")
 class FinetuneConfig:
     """`steps`: optimiser steps per layer (local) or in total (kl), one window each.
     `lr`: Adam step size relative to each tensor's RMS at the start (one knob
-    that suits weights and bases alike), cosine-decayed to 0."""
+    that suits weights and bases alike), cosine-decayed to 0.
+    `bases_only`: post_rope_projection form: train q_basis/k_basis but not q_proj/k_proj."""
 
     objective: str = "local"
     steps: int = 64
     lr: float = 3e-3
     inputs: str = "student"
+    bases_only: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -58,12 +62,12 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def qk_parameters(attn: ThinKVAttention) -> list[nn.Parameter]:
+def qk_parameters(attn: ThinKVAttention, bases_only: bool = False) -> list[nn.Parameter]:
     """The tensors fine-tuning may change in one thin attention module."""
-    if attn.form == "rope_subspace":
-        mods = [attn.q_proj, attn.k_proj]
-        return [p for m in mods for p in (m.weight, m.bias) if p is not None]
-    return [attn.q_basis, attn.k_basis]
+    bases = [attn.q_basis, attn.k_basis] if attn.form == "post_rope_projection" else []
+    if bases and bases_only:
+        return bases
+    return [p for m in (attn.q_proj, attn.k_proj) for p in (m.weight, m.bias) if p is not None] + bases
 
 
 def _thin_modules(model: nn.Module) -> list[ThinKVAttention]:
@@ -80,10 +84,16 @@ def _optimizer(params: list[nn.Parameter], cfg: FinetuneConfig, total: int):
     return opt, sched
 
 
-def _freeze_all_but_qk(model: nn.Module) -> list[nn.Parameter]:
+def loss_curve(losses: list[float], points: int = 32) -> list[list[float]]:
+    """Training losses (one per step) -> at most `points` [first step, mean loss] buckets."""
+    size = max(1, math.ceil(len(losses) / points))
+    return [[i, sum(losses[i : i + size]) / len(losses[i : i + size])] for i in range(0, len(losses), size)]
+
+
+def _freeze_all_but_qk(model: nn.Module, bases_only: bool) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for attn in _thin_modules(model) for p in qk_parameters(attn)]
+    params = [p for attn in _thin_modules(model) for p in qk_parameters(attn, bases_only)]
     for p in params:
         p.requires_grad_(True)
     return params
@@ -97,7 +107,9 @@ def finetune(
     student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig, progress: bool = True
 ) -> dict:
     """Fine-tune `student` (thin) in place towards `teacher` (original) on token windows [N, T].
-    Returns a log with the objective before and after (per layer for `local`)."""
+    Returns a log with the objective before and after (per layer for `local`) and
+    the training-loss `curve` ([first step, mean loss] buckets; for `local`, step
+    i's loss averaged over the layers, each layer normalised as its objective)."""
     _thin_modules(student)
     if len(student.model.layers) != len(teacher.model.layers):
         raise ThinKVError("student and teacher have different numbers of layers")
@@ -127,7 +139,7 @@ def _finetune_local(student, teacher, windows, cfg: FinetuneConfig, progress: bo
         rope = teacher.model.rotary_emb(h_teacher[:1], pos)
     mask = _causal_mask(t, h_teacher.dtype, device)
     kw = dict(position_embeddings=rope, attention_mask=mask, position_ids=pos)
-    _freeze_all_but_qk(student)
+    _freeze_all_but_qk(student, cfg.bases_only)
     layers = []
     bar = tqdm(total=len(student.model.layers) * cfg.steps, desc="fine-tuning (local)", unit="step", disable=not progress)
     for idx, (t_layer, s_layer) in enumerate(zip(teacher.model.layers, student.model.layers)):
@@ -143,21 +155,23 @@ def _finetune_local(student, teacher, windows, cfg: FinetuneConfig, progress: bo
 
         with torch.no_grad():
             before = float(sum(loss_of(i) for i in range(n)) / n)
-        params = qk_parameters(attn)
+        params = qk_parameters(attn, cfg.bases_only)
         opt, sched = _optimizer(params, cfg, cfg.steps)
+        losses = []
         for step in range(cfg.steps):
             loss = loss_of(step % n)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            losses.append(loss.item())
             bar.update(1)
         with torch.no_grad():
             after = float(sum(loss_of(i) for i in range(n)) / n)
             h_teacher = torch.cat([t_layer(h_teacher[i : i + 1], **kw) for i in range(n)])
             if cfg.inputs == "student":
                 h_student = torch.cat([s_layer(h_student[i : i + 1], **kw) for i in range(n)])
-        layers.append({"layer": idx, "before": before, "after": after})
+        layers.append({"layer": idx, "before": before, "after": after, "curve": loss_curve(losses)})
         bar.set_postfix(layer=idx, before=f"{before:.4f}", after=f"{after:.4f}")
         log.debug("layer %d: attention-output NMSE %.5f -> %.5f", idx, before, after)
     bar.close()
@@ -165,6 +179,7 @@ def _finetune_local(student, teacher, windows, cfg: FinetuneConfig, progress: bo
         "objective": "local",
         "before": sum(x["before"] for x in layers) / len(layers),
         "after": sum(x["after"] for x in layers) / len(layers),
+        "curve": [[c[0][0], sum(x[1] for x in c) / len(c)] for c in zip(*(x["curve"] for x in layers))],
         "layers": layers,
     }
 
@@ -180,18 +195,20 @@ def _finetune_kl(student, teacher, windows, cfg: FinetuneConfig, progress: bool)
     device = next(student.parameters()).device
     windows = windows.to(device)
     n = windows.shape[0]
-    params = _freeze_all_but_qk(student)
+    params = _freeze_all_but_qk(student, cfg.bases_only)
     with torch.no_grad():
         before = float(sum(_kl(student, teacher, windows[i : i + 1]) for i in range(n)) / n)
     opt, sched = _optimizer(params, cfg, cfg.steps)
     bar = tqdm(range(cfg.steps), desc="fine-tuning (kl)", unit="step", disable=not progress)
+    losses = []
     for step in bar:
         loss = _kl(student, teacher, windows[step % n : step % n + 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(kl=f"{loss.item():.4f}")
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
     with torch.no_grad():
         after = float(sum(_kl(student, teacher, windows[i : i + 1]) for i in range(n)) / n)
-    return {"objective": "kl", "before": before, "after": after}
+    return {"objective": "kl", "before": before, "after": after, "curve": loss_curve(losses)}

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam step relative to each tensor's RMS, cosine-decayed (default 3e-3)")
     parser.add_argument("--ctx", type=int, default=1024, help="training window length in tokens (default 1024)")
     parser.add_argument("--windows", type=int, default=8, help="training windows, cycled through (default 8)")
+    parser.add_argument("--bases-only", action="store_true", help="pca checkpoints: train q_basis/k_basis only (default: also q_proj/k_proj)")
     parser.add_argument("--skip-chars", type=int, default=5000, help="front-matter characters skipped per file (default 5000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_thinkv.hf.windows import windows_from_files
 
     t0 = time.time()
-    cfg = FinetuneConfig(objective=args.objective, steps=args.steps, lr=args.lr)
+    cfg = FinetuneConfig(objective=args.objective, steps=args.steps, lr=args.lr, bases_only=args.bases_only)
     check_out_dir(args.out_dir, args.overwrite)
     raw = read_config(args.ckpt)
     if "thinkv" not in raw:

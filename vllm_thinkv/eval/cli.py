@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("model", metavar="MODEL", help="HF checkpoint folder (original or thin-key)")
     k.add_argument("--haystack", nargs="+", required=True, metavar="FILE", help="haystack text files (concatenated)")
     k.add_argument("--ctx", type=int, required=True, help="prompt length in tokens (chat template included)")
-    k.add_argument("--trials", type=int, default=10, help="trials, depths evenly spread in [0.1, 0.9] (default 10)")
+    k.add_argument("--trials", type=int, default=10, help="trials, depths evenly spread in [0.1, 0.9] (default 10); with --depths: trials per depth")
+    k.add_argument("--depths", type=float, nargs="+", default=None, metavar="D", help="needle depths in [0, 1], --trials at each (e.g. 0.1 0.5 0.9)")
     k.add_argument("--seed", type=int, default=0, help="trial i uses seed + i for its key and haystack window")
     k.add_argument("--max-new-tokens", type=int, default=24)
     k.add_argument("--skip-chars", type=int, default=5000, help="front-matter characters skipped per file (default 5000)")
@@ -97,7 +98,7 @@ def run_passkey(args) -> int:
     from vllm_thinkv.hf.text import read_texts
 
     model, tok, section = _load(args)
-    cases = build_cases(tok, read_texts(args.haystack, args.skip_chars), args.ctx, args.trials, args.seed)
+    cases = build_cases(tok, read_texts(args.haystack, args.skip_chars), args.ctx, args.trials, args.seed, args.depths)
     t = time.time()
     results = run_hf(model, tok, cases, args.max_new_tokens, progress=not args.no_progress)
     acc = sum(r["correct"] for r in results) / len(results)

@@ -14,6 +14,7 @@ haystack fills what the template, needle and question leave.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,12 +75,16 @@ def depths(trials: int) -> list[float]:
     return [0.5] if trials == 1 else [round(0.1 + 0.8 * i / (trials - 1), 4) for i in range(trials)]
 
 
-def build_cases(tokenizer, haystack_text: str, ctx: int, trials: int, seed: int = 0) -> list[PasskeyCase]:
-    """`trials` prompts with depths `depths(trials)`, trial i seeded with `seed + i`."""
+def build_cases(
+    tokenizer, haystack_text: str, ctx: int, trials: int, seed: int = 0, at: Sequence[float] | None = None
+) -> list[PasskeyCase]:
+    """`trials` prompts with depths `depths(trials)`, or, with `at`, `trials` prompts at
+    each depth of `at` (depth-major); prompt i is seeded with `seed + i`."""
     if trials < 1:
         raise ThinKVError(f"trials must be >= 1, got {trials}")
     ids = tokenizer(haystack_text, add_special_tokens=False)["input_ids"]
-    return [build_case(tokenizer, ids, ctx, dep, seed + i) for i, dep in enumerate(depths(trials))]
+    spread = depths(trials) if at is None else [d for d in at for _ in range(trials)]
+    return [build_case(tokenizer, ids, ctx, dep, seed + i) for i, dep in enumerate(spread)]
 
 
 def score(answer: str, key: str) -> bool:

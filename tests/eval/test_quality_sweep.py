@@ -1,0 +1,40 @@
+"""benchmarks/quality.py runs end to end on a tiny model, writes its three files, and resumes
+(fine-tuned q/k tensors are cached and reused by the passkey run)."""
+
+from __future__ import annotations
+
+import json
+
+from vllm_thinkv.hf.text import packaged_text
+
+def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchmark):
+    bench = load_benchmark("quality")
+    text = tmp_path / "text.txt"
+    text.write_text(packaged_text()[:80000])
+    out = tmp_path / "q"
+    argv = ["--model", str(tiny_llama_dir), "--calib", str(text), "--eval", str(text), "--eval-skip-chars", "40000",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--ctx", "64", "--eval-windows", "2",
+            "--calib-tokens", "128", "--methods", "pca", "svd", "--ranks", "16", "64", "--load-ranks", "16",
+            "--budget-ranks", "16", "--ft-methods", "pca", "--ft-ranks", "16", "--ft-steps", "2", "--ft-windows", "2",
+            "--ft-ctx", "32", "--passkey", "original", "pca:16:ft", "--passkey-ctx", "200", "--passkey-trials", "1",
+            "--passkey-depths", "0.1", "0.9"]
+    assert bench.main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    res = data["results"]
+    assert set(res) == {"pca:16", "svd:16", "pca:64", "svd:64", "pca:16:load", "svd:16:load", "pca:16:budget",
+                        "svd:16:budget", "pca:16:ft"}
+    assert res["pca:64"]["exact_check_max_logit_diff"] < 1e-3 and res["pca:64"]["ppl"] == data["original"]["ppl"]
+    ft = res["pca:16:ft"]["finetune"]
+    assert ft["objective"] == "local" and len(ft["curve"]) == 2 and ft["windows"] == [2, 32]
+    assert len(data["passkey"]["pca:16:ft"]["trials"]) == 2 and set(data["passkey"]["original"]["by_depth"]) == {"0.1", "0.9"}
+    assert all(v["date"] and v["command"] for v in res.values())
+    md = out.with_suffix(".md").read_text()
+    assert "| pca + QK fine-tune |" in md and "not run" not in md.split("## Passkey")[0].split("| pca + QK")[0]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+    # resume: nothing is recomputed; the fine-tuned model comes from the cache
+    before = out.with_suffix(".json").read_text()
+    assert bench.main(argv) == 0
+    after = json.loads(out.with_suffix(".json").read_text())
+    assert after["results"] == json.loads(before)["results"] and after["passkey"] == json.loads(before)["passkey"]
+    assert len(list((tmp_path / "cache").glob("ft-*.pt"))) == 1
