@@ -85,8 +85,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--passkey-trials", type=int, default=10, help="trials per depth")
     p.add_argument("--only", nargs="*", default=None,
-                   help="run only these keys (e.g. pca:32:ft, passkey:pca:48); with no key, only the original PPL and calibration")
-    return p.parse_args(argv)
+                   help="run exactly these keys, METHOD:R[:VARIANT] or passkey:SPEC (e.g. pca:32:ft passkey:pca:48), "
+                   "instead of the sweep given by --ranks/--methods/--*-ranks/--passkey; with no key, only the "
+                   "original PPL and calibration")
+    args = p.parse_args(argv)
+    try:  # validate every key before hours of work
+        for k in args.only or []:
+            parse_key(k.removeprefix("passkey:"), allow_original=k.startswith("passkey:"))
+        for k in args.passkey:
+            parse_key(k, allow_original=True)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def parse_key(key: str, allow_original: bool = False) -> tuple[str, int, str] | None:
+    """'pca:32:ft' -> ('pca', 32, 'ft'); 'original' -> None (where allowed). Rejects anything else."""
+    if allow_original and key == "original":
+        return None
+    parts = key.split(":")
+    ok = (len(parts) in (2, 3) and parts[0] in METHODS and parts[1].isdigit() and int(parts[1]) > 0
+          and (len(parts) == 2 or (parts[2] in VARIANTS and parts[2])))
+    if not ok:
+        variants = "|".join(v for v in VARIANTS if v)
+        raise ValueError(f"bad key {key!r}: expected METHOD:R[:VARIANT] with METHOD in {'|'.join(METHODS)} "
+                         f"and VARIANT in {variants}" + (" (or 'original')" if allow_original else ""))
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
 
 
 def digest(*parts) -> str:
@@ -122,9 +146,6 @@ class Sweep:
         self.svd = Svd(**{k: v for k, v in (("max_phase", args.svd_max_phase), ("horizon", args.svd_horizon)) if v is not None})
         self.data["svd_params"] = self.svd.params()
         self._stats: dict[str, list] = {}
-
-    def wanted(self, key: str) -> bool:
-        return self.args.only is None or key in self.args.only
 
     # ---------------------------------------------------------------- helpers
     def save(self) -> None:
@@ -191,7 +212,7 @@ class Sweep:
     # ---------------------------------------------------------------- stages
     def run_ppl(self, method: str, rank: int, variant: str) -> None:
         key = f"{method}:{rank}" + (f":{variant}" if variant else "")
-        if key in self.data["results"] or not self.wanted(key):
+        if key in self.data["results"]:
             return
         orig = self.original()
         t = time.time()
@@ -215,7 +236,7 @@ class Sweep:
         self.save()
 
     def run_passkey(self, spec: str) -> None:
-        if spec in self.data["passkey"] or not self.wanted(f"passkey:{spec}"):
+        if spec in self.data["passkey"]:
             return
         a = self.args
         haystack = read_texts(a.eval, skip_chars=a.eval_skip_chars)
@@ -236,6 +257,9 @@ class Sweep:
 
 
 def configurations(args) -> list[tuple[str, int, str]]:
+    """The PPL configurations to run: the --only keys if given, else the sweep."""
+    if args.only is not None:
+        return [parse_key(k) for k in args.only if not k.startswith("passkey:")]
     out = [(m, r, "") for r in sorted(args.ranks, reverse=True) for m in args.methods]
     for variant, ranks, methods in (("load", args.load_ranks, args.methods), ("budget", args.budget_ranks, args.methods),
                                     ("ft", args.ft_ranks, args.ft_methods)):
@@ -340,7 +364,8 @@ def main(argv=None) -> int:
         sweep.stats("load")
     for method, rank, variant in configurations(args):
         sweep.run_ppl(method, rank, variant)
-    for spec in args.passkey:
+    specs = args.passkey if args.only is None else [k.removeprefix("passkey:") for k in args.only if k.startswith("passkey:")]
+    for spec in specs:
         sweep.run_passkey(spec)
     sweep.save()
     return 0

