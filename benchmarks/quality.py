@@ -37,7 +37,7 @@ import torch
 
 from vllm_thinkv.compress.api import compress_model
 from vllm_thinkv.compress.calibrate import collect_statistics
-from vllm_thinkv.compress.finetune import FinetuneConfig, finetune
+from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, FinetuneConfig, finetune
 from vllm_thinkv.compress.svd import Svd
 from vllm_thinkv.config import CompressRequest
 from vllm_thinkv.eval.passkey import build_cases, run_hf
@@ -71,11 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-ranks", type=int, nargs="*", default=[16, 24, 32, 48])
     p.add_argument("--ft-methods", nargs="*", default=["pca", "svd"], choices=METHODS)
     p.add_argument("--ft-ranks", type=int, nargs="*", default=[16, 32])
-    p.add_argument("--ft-objective", default="local", choices=["local", "kl"])
-    p.add_argument("--ft-steps", type=int, default=512)
-    p.add_argument("--ft-lr", type=float, default=1e-2)
-    p.add_argument("--ft-windows", type=int, default=32)
-    p.add_argument("--ft-ctx", type=int, default=512)
+    ft = FinetuneConfig()  # defaults: the CLI's (`thinkv finetune`)
+    p.add_argument("--ft-objective", default=ft.objective, choices=["local", "kl"])
+    p.add_argument("--ft-steps", type=int, default=ft.steps)
+    p.add_argument("--ft-lr", type=float, default=ft.lr)
+    p.add_argument("--ft-windows", type=int, default=DEFAULT_WINDOWS)
+    p.add_argument("--ft-ctx", type=int, default=DEFAULT_CTX)
     p.add_argument("--ft-bases-only", action="store_true", help="pca: train q_basis/k_basis only, not q_proj/k_proj")
     p.add_argument("--svd-max-phase", type=float, default=None, help="svd parameter (default: the method's)")
     p.add_argument("--svd-horizon", type=int, default=None, help="svd parameter (default: the method's)")
