@@ -30,7 +30,7 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=METHODS, help="pairs (exact RoPE pairs), pca (post-RoPE projection), svd (folded factorisation; fine-tune after)")
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--rank", type=int, help="uniform QK head size r (multiple of 8, <= head_dim)")
-    g.add_argument("--rank-budget", type=int, metavar="AVG", help="mean r; per-layer ranks allocated from calibration statistics")
+    g.add_argument("--rank-budget", type=int, metavar="AVG", help="mean r; per-layer ranks allocated from calibration statistics (measured to help pca; it hurt pairs and svd except svd at r = 16)")
     parser.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="calibration text files (default: the public-domain text shipped in the package)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, spread evenly over the files (default 16384)")
     parser.add_argument("--calib-ctx", type=int, default=1024, help="calibration window length in tokens (default 1024)")
