@@ -37,7 +37,7 @@ import torch
 
 from vllm_thinkv.compress.api import compress_model
 from vllm_thinkv.compress.calibrate import collect_statistics
-from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, FinetuneConfig, finetune
+from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, OBJECTIVES, FinetuneConfig, finetune
 from vllm_thinkv.compress.svd import Svd
 from vllm_thinkv.config import CompressRequest
 from vllm_thinkv.eval.passkey import build_cases, run_hf
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ft-methods", nargs="*", default=["pca", "svd"], choices=METHODS)
     p.add_argument("--ft-ranks", type=int, nargs="*", default=[16, 32])
     ft = FinetuneConfig()  # defaults: the CLI's (`thinkv finetune`)
-    p.add_argument("--ft-objective", default=ft.objective, choices=["local", "kl"])
+    p.add_argument("--ft-objective", default=ft.objective, choices=OBJECTIVES)
     p.add_argument("--ft-steps", type=int, default=ft.steps)
     p.add_argument("--ft-lr", type=float, default=ft.lr)
     p.add_argument("--ft-windows", type=int, default=DEFAULT_WINDOWS)

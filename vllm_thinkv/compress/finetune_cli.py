@@ -23,10 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", metavar="OUT", help="folder for the fine-tuned checkpoint")
     parser.add_argument("--original", help="the original checkpoint to distil from (default: the one CKPT was compressed from)")
     parser.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="training text files (default: the packaged text)")
-    from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, FinetuneConfig
+    from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, OBJECTIVES, FinetuneConfig
 
     d = FinetuneConfig()
-    parser.add_argument("--objective", default=d.objective, choices=["local", "kl"], help="local: per-layer attention-output distillation (cheap); kl: end-to-end KL to the original's next-token distribution")
+    parser.add_argument("--objective", default=d.objective, choices=OBJECTIVES, help="local: per-layer attention-output distillation (cheap); kl: end-to-end KL to the original's next-token distribution")
     parser.add_argument("--steps", type=int, default=d.steps, help=f"optimiser steps (per layer for local), one window each (default {d.steps})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"Adam step relative to each tensor's RMS, cosine-decayed (default {d.lr:g})")
     parser.add_argument("--ctx", type=int, default=DEFAULT_CTX, help=f"training window length in tokens (default {DEFAULT_CTX})")
