@@ -36,17 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_thinkv.bench.offline import OFFLINE_ENV, run_in_subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 DATE = "2026-11-23"
 DEVICE = "CPU (2 cores)"
 log = logging.getLogger("snapkv_quality")
-
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-}
-
 
 # --------------------------------------------------------------------------- configurations
 
@@ -129,14 +124,12 @@ def fingerprint(cases: list[dict]) -> list:
 
 def run_engine(args, model_dir: str, engine: dict, prompts: list[list[int]]) -> dict:
     """One engine in a fresh process (`vllm_thinkv.bench.offline`, mode "generate")."""
-    from vllm_thinkv.bench.offline import run_in_subprocess
-
     spec = {"mode": "generate", "model": model_dir, "engine": engine, "prompts": prompts,
             "output_tokens": args.max_new_tokens}
     wrapper = []
     if args.lock:  # one heavy job at a time on a shared machine, and a polite one
         wrapper = ["flock", args.lock, "nice", "-n", "15", "env", f"OMP_NUM_THREADS={args.threads}"]
-    env = {**os.environ, **ENV, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
+    env = {**os.environ, **OFFLINE_ENV, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)}
     return run_in_subprocess(spec, env=env, wrapper=wrapper, cwd=ROOT, timeout=args.timeout)
 
 
@@ -398,7 +391,7 @@ def ensure_thin(args, model_dir: str) -> None:
     if args.lock:
         cmd = ["flock", args.lock, "nice", "-n", "15", "env", f"OMP_NUM_THREADS={args.threads}", *cmd]
     log.info("creating the thin-key checkpoint: %s", " ".join(cmd))
-    subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, check=True)
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, check=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

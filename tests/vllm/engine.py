@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from vllm_thinkv.bench.offline import EngineFailed, run_in_subprocess  # noqa: F401  (EngineFailed: for tests)
+from vllm_thinkv.bench.offline import OFFLINE_ENV, EngineFailed, run_in_subprocess  # noqa: F401  (EngineFailed: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,11 +25,9 @@ ENGINE = {
 }
 
 BASE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
+    **OFFLINE_ENV,
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; also skips vLLM's NUMA free-memory check
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # for the apply_model probe
-    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
 }
 
 

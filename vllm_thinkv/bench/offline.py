@@ -30,6 +30,15 @@ from pathlib import Path
 from typing import Any
 
 
+# Every engine process: no hub access (checkpoints are local folders), and
+# "spawn" because the parent may already hold torch threads.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+}
+
+
 class EngineFailed(RuntimeError):
     """The engine process exited non-zero or wrote no result; carries its log."""
 
