@@ -102,5 +102,6 @@ def test_load_time_request_uses_the_packaged_text(tiny_llama_dir):
     cfg, tensors, model = compress_pretrained(tiny_llama_dir, request, progress=False)
     assert cfg.calibration["texts"] == ["vllm_thinkv/data/emma.txt (packaged)"] and cfg.calibration["tokens"] == 256
     assert cfg.calibration["source"] == str(tiny_llama_dir.resolve())
+    assert cfg.calibration["ctx"] == 128 and cfg.fitted_positions == 128  # what start-up warns about
     assert set(tensors) == {f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_basis", "k_basis")}
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # the original is left as it was

@@ -122,3 +122,23 @@ def test_malformed_checkpoint_is_rejected_naming_the_tensor(tiny_llama_dir, tmp_
     missing = {k: v for k, v in weights.items() if "layers.2.self_attn.rope_inv_freq" not in k}
     with pytest.raises(ThinKVError, match="lacks model.layers.2.self_attn.rope_inv_freq"):
         list(checked_weights(section, hf_config, missing.items(), None))
+
+
+@pytest.mark.parametrize("method,form,warns", [("pca", "post_rope_projection", True), ("svd", "rope_subspace", True),
+                                               ("pairs", "rope_subspace", False)])
+def test_serving_beyond_the_calibration_window_warns(monkeypatch, method, form, warns):
+    """pca and svd were measured to lose quality past their calibration window; pairs is exact under RoPE."""
+    from vllm_thinkv.config import ThinKVConfig
+    from vllm_thinkv.models import llama_family
+
+    calls = []
+    monkeypatch.setattr(llama_family.logger, "warning", lambda msg, *args: calls.append(msg % args))
+    thin = ThinKVConfig(method=method, form=form, ranks=(16, 16), head_dim=64, calibration={"ctx": 1024})
+    llama_family.warn_beyond_fitted_positions(thin, max_model_len=1024)
+    assert calls == []
+    llama_family.warn_beyond_fitted_positions(thin, max_model_len=8192)
+    assert len(calls) == int(warns)
+    if warns:
+        assert "1024-token windows" in calls[0] and "max_model_len is 8192" in calls[0] and "--calib-ctx 8192" in calls[0]
+    unrecorded = ThinKVConfig(method=method, form=form, ranks=(16, 16), head_dim=64)
+    assert unrecorded.fitted_positions is None

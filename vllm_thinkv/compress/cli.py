@@ -33,7 +33,7 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-budget", type=int, metavar="AVG", help="mean r; per-layer ranks allocated from calibration statistics (measured to help pca; it hurt pairs and svd except svd at r = 16)")
     parser.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="calibration text files (default: the public-domain text shipped in the package)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, spread evenly over the files (default 16384)")
-    parser.add_argument("--calib-ctx", type=int, default=1024, help="calibration window length in tokens (default 1024)")
+    parser.add_argument("--calib-ctx", type=int, default=1024, help="calibration window length in tokens (default 1024); pca and svd lose quality at positions past it, so use your serving length")
     parser.add_argument("--skip-chars", type=int, default=5000, help="characters of front matter skipped in each --calib file (default 5000)")
     parser.add_argument("--svd-max-phase", type=float, default=None, help="svd: max phase drift (radians) over the horizon between merged rotary frequencies (default 4, the method's)")
     parser.add_argument("--svd-horizon", type=int, default=None, help="svd: context length (tokens) the merge tolerance applies to (default: max_position_embeddings)")

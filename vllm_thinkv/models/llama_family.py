@@ -67,9 +67,24 @@ def _compress_at_load(vllm_config, request: CompressRequest):
     return cfg, {name: t.cpu() for name, t in tensors.items()}
 
 
+def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None:
+    """A checkpoint that will serve positions it was not calibrated on: say so at start-up
+    (a warning, not a refusal: the default max_model_len is usually far longer than
+    any calibration window, and short requests are unaffected)."""
+    fitted = thin.fitted_positions
+    if fitted is not None and max_model_len > fitted:
+        logger.warning(
+            "thinkv: this %s checkpoint was calibrated on %d-token windows but max_model_len is %d; its thin "
+            "q·k was fitted on positions < %d and measured to lose quality beyond them. Compress with "
+            "--calib-ctx %d (load time: \"calib_ctx\": %d; measured to fix pca) or serve with --max-model-len %d.",
+            thin.method, fitted, max_model_len, fitted, max_model_len, max_model_len, fitted,
+        )
+
+
 class ThinKVForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         thin, thin_tensors = resolve_thin_config(vllm_config)
+        warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)
         layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.thin = thin
