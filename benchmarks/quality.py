@@ -287,6 +287,8 @@ def render_markdown(data: dict) -> str:
             for m in METHODS for variant, name in VARIANTS.items()
             if any(v["method"] == m and v["variant"] == variant for v in res.values())]
     t = data["text"]
+    exact_checks = ", ".join(f"{k} {v['exact_check_max_logit_diff']:.1e}" for k, v in res.items()
+                             if "exact_check_max_logit_diff" in v)
     lines = [
         f"# Thin-key quality: {data['model']}",
         "",
@@ -302,9 +304,8 @@ def render_markdown(data: dict) -> str:
         "",
         "Per-layer rank allocation (`--rank-budget`) uses the same mean rank. r = 64 = head_dim is exact for every "
         "method up to fp32 rounding (tests/compress/test_exactness.py: max |logit diff| < 1e-4 on the test models), so its PPL is the original's"
-        + (" (not re-measured; max |logit diff| against the original on one evaluation window: "
-           + ", ".join(f"{k} {v['exact_check_max_logit_diff']:.1e}" for k, v in res.items() if "exact_check_max_logit_diff" in v)
-           + ")" if any("exact_check_max_logit_diff" in v for v in res.values()) else "") + ". "
+        + (f" (not re-measured; max |logit diff| against the original on one evaluation window: {exact_checks})"
+           if exact_checks else "") + ". "
         + ("\"not run\": left out of this CPU run for time. " if any("not run" in row for row in rows) else "")
         + f"svd parameters: {data.get('svd_params')}.",
     ]
