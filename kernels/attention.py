@@ -21,28 +21,19 @@ from vllm_thinkv.errors import ThinKVError
 
 from . import launch
 from .attention_kernel import paged_attention_kernel
+from .calls import AttentionCall, attention_op
 from .checks import AttentionShape, attention_metadata_limits, check_attention_call
 from .merge_kernel import merge_splits_kernel
 
 LOG2E = 1.4426950408889634
 
 
-def paged_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None = None,
-    *,
-    gaps: torch.Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
+@attention_op
+def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
     """Causal attention of this step's query tokens over a paged thin-key cache.
+
+    Called as paged_attention(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale,
+    out=None, *, gaps=None, max_seqlen_q=None, max_seqlen_k=None, num_splits=None) (`calls.attention_op`).
 
     q [T, H, r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
     [num_blocks, block_size, Hkv, d] (any strides, e.g. views of one packed buffer);
@@ -56,35 +47,25 @@ def paged_attention(
     device sync). num_splits: force the decode split-KV factor (testing, tuning).
     Returns `out` (or a new tensor) [T, H, d] in q's dtype.
     """
-    shape = check_attention_call(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, out, gaps,
-                                 triton_path=True, interpreting=launch.interpreting())
+    shape = check_attention_call(call, out, triton_path=True, interpreting=launch.interpreting())
     if num_splits is not None and not (isinstance(num_splits, int) and num_splits >= 1):
         raise ThinKVError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    max_seqlen_q, max_seqlen_k = call.max_seqlen_q, call.max_seqlen_k
     if max_seqlen_q is None or max_seqlen_k is None:
-        max_seqlen_q, max_seqlen_k = attention_metadata_limits(shape, block_table, cu_seqlens_q, seq_lens, gaps)
+        max_seqlen_q, max_seqlen_k = attention_metadata_limits(call, shape)
     if out is None:
-        out = q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
-    calls = plan_attention(
-        shape, out, q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, gaps,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, num_splits=num_splits,
-        facts=launch.device_facts(q.device),
-    )
-    for call in calls:
-        call()
+        out = call.q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
+    launches = plan_attention(call, shape, out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                              num_splits=num_splits, facts=launch.device_facts(call.q.device))
+    for kernel_launch in launches:
+        kernel_launch()
     return out
 
 
 def plan_attention(
+    call: AttentionCall,
     shape: AttentionShape,
     out: torch.Tensor,
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    gaps: torch.Tensor | None,
     *,
     max_seqlen_q: int,
     max_seqlen_k: int,
@@ -94,6 +75,7 @@ def plan_attention(
     """The launches of one validated call, in order (allocates the split-KV workspace)."""
     if shape.num_tokens == 0 or shape.num_seqs == 0:
         return []
+    q, key_cache, value_cache, block_table, gaps = call.q, call.key_cache, call.value_cache, call.block_table, call.gaps
     decode_cfg = launch.tile_config("decode", shape.r, shape.d, shape.group, q.dtype, facts)
     decode_max_q = decode_cfg.block_m // shape.group
     has_prefill = max_seqlen_q > decode_max_q
@@ -110,9 +92,9 @@ def plan_attention(
 
     has_gap = gaps is not None
     args = (
-        out, part_out, part_lse, q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens,
-        gaps if has_gap else seq_lens,  # any int32 pointer when unused
-        scale * LOG2E, shape.num_seqs, shape.num_heads,
+        out, part_out, part_lse, q, key_cache, value_cache, block_table, call.cu_seqlens_q, call.seq_lens,
+        gaps if has_gap else call.seq_lens,  # any int32 pointer when unused
+        call.scale * LOG2E, shape.num_seqs, shape.num_heads,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         *(gaps.stride() if has_gap else (0, 0)),
     )
@@ -122,18 +104,18 @@ def plan_attention(
         DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap, KV_ALIGNED=kv_aligned, UPCAST=launch.interpreting(),
     )
 
-    def attention_call(cfg: launch.TileConfig, decode: bool, splits: int, grid: tuple[int, ...]) -> launch.KernelCall:
+    def attention_launch(cfg: launch.TileConfig, decode: bool, splits: int, grid: tuple[int, ...]) -> launch.KernelCall:
         constexprs = dict(common, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_m // shape.group, TILE_N=cfg.tile_n,
                           DECODE=decode, NUM_SPLITS=splits)
         options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return launch.KernelCall(paged_attention_kernel, grid, args, constexprs, options)
 
-    calls = [attention_call(decode_cfg, True, num_splits, (shape.num_seqs, shape.num_kv_heads, num_splits))]
+    launches = [attention_launch(decode_cfg, True, num_splits, (shape.num_seqs, shape.num_kv_heads, num_splits))]
     if num_splits > 1:
-        calls.append(launch.KernelCall(
+        launches.append(launch.KernelCall(
             merge_splits_kernel,
             (shape.num_tokens, shape.num_heads),
-            (out, part_out, part_lse, cu_seqlens_q, shape.num_seqs, shape.num_heads, *out.stride()),
+            (out, part_out, part_lse, call.cu_seqlens_q, shape.num_seqs, shape.num_heads, *out.stride()),
             dict(D=shape.d, D_PAD=d_pad, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
                  DECODE_MAX_Q=decode_max_q),
             dict(num_warps=4),
@@ -141,5 +123,5 @@ def plan_attention(
     if has_prefill:
         cfg = launch.tile_config("prefill", shape.r, shape.d, shape.group, q.dtype, facts)
         q_blocks = shape.num_tokens // (cfg.block_m // shape.group) + shape.num_seqs  # >= the blocks needed
-        calls.append(attention_call(cfg, False, 1, (q_blocks, shape.num_kv_heads, 1)))
-    return calls
+        launches.append(attention_launch(cfg, False, 1, (q_blocks, shape.num_kv_heads, 1)))
+    return launches

@@ -2,8 +2,9 @@
 
 Two levels, because a serving hot path must not synchronise with the device:
 - `check_attention_call` / `check_write_kv` look only at shapes, dtypes, devices,
-  strides and the scale (host metadata, free) and run on every call; messages are
-  only formatted on failure, so the checks cost microseconds;
+  strides and the scale of a call's record (`calls.AttentionCall` / `calls.KVWrite`:
+  host metadata, free) and run on every call; messages are only formatted on
+  failure, so the checks cost microseconds;
 - `attention_metadata_limits` reads the metadata *values* (one device sync) to
   find `max_seqlen_q` / `max_seqlen_k` and to check lengths, block tables and gaps.
   `paged_attention` runs it only when the caller did not pass both maxima.
@@ -18,10 +19,18 @@ import torch
 
 from vllm_thinkv.errors import ThinKVError
 
+from .calls import AttentionCall, KVWrite
+
+# What the kernels support: the one definition the backend, the config
+# validation and the capacity model import.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels read K and V in the model dtype: no quantised or converted KV cache.
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
 QK_MULTIPLE = 8  # query/key head dims: multiples of 8 (tl.dot pads r < 16 to 16)
 V_MULTIPLE = 16  # value head dims: multiples of 16
+BLOCK_SIZE_MULTIPLE = 16  # KV-cache block sizes: whole 16-token tiles
+MIN_COMPUTE_CAPABILITY = (8, 0)  # CUDA: bf16 tensor-core dots
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,11 @@ def check_qk_head_dim(r: int) -> None:
         )
 
 
+def check_block_size(block_size: int) -> None:
+    if block_size % BLOCK_SIZE_MULTIPLE or block_size <= 0:
+        raise ThinKVError(f"block_size={block_size} is unsupported: it must be a multiple of {BLOCK_SIZE_MULTIPLE}")
+
+
 def check_head_dims(r: int, d: int) -> None:
     """Thin keys: r any multiple of 8 in [8, 256]; values: d a multiple of 16 in [16, 256]."""
     check_qk_head_dim(r)
@@ -90,8 +104,7 @@ def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[i
         )
     num_blocks, block_size, num_kv_heads, r = key_cache.shape
     d = value_cache.shape[3]
-    if block_size % 16 or block_size <= 0:
-        raise ThinKVError(f"block_size={block_size} is unsupported: it must be a multiple of 16")
+    check_block_size(block_size)
     if num_kv_heads <= 0:
         raise ThinKVError("num_kv_heads must be positive")
     check_head_dims(r, d)
@@ -113,45 +126,28 @@ def check_device(tensors: dict[str, torch.Tensor | None], triton_path: bool, int
 
 
 def check_attention_call(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None,
-    gaps: torch.Tensor | None,
-    *,
-    triton_path: bool,
-    interpreting: bool = False,
+    call: AttentionCall, out: torch.Tensor | None, *, triton_path: bool, interpreting: bool = False
 ) -> AttentionShape:
     """Everything about a `paged_attention(_torch)` call that needs no device sync."""
-    shape = attention_shape(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, out, gaps)
+    shape = attention_shape(call, out)
     check_device(
-        {"q": q, "key_cache": key_cache, "value_cache": value_cache, "block_table": block_table,
-         "cu_seqlens_q": cu_seqlens_q, "seq_lens": seq_lens, "out": out, "gaps": gaps},
+        {"q": call.q, "key_cache": call.key_cache, "value_cache": call.value_cache, "block_table": call.block_table,
+         "cu_seqlens_q": call.cu_seqlens_q, "seq_lens": call.seq_lens, "out": out, "gaps": call.gaps},
         triton_path=triton_path,
         interpreting=interpreting,
     )
+    scale = call.scale
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ThinKVError(f"scale must be a positive finite number, got {scale!r}")
     return shape
 
 
-def attention_shape(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    out: torch.Tensor | None,
-    gaps: torch.Tensor | None,
-) -> AttentionShape:
+def attention_shape(call: AttentionCall, out: torch.Tensor | None = None) -> AttentionShape:
     """Shapes and dtypes of a `paged_attention` call; returns its static sizes."""
+    q, key_cache, block_table, cu_seqlens_q, seq_lens, gaps = (
+        call.q, call.key_cache, call.block_table, call.cu_seqlens_q, call.seq_lens, call.gaps)
     _check_rank(q, "q", 3, "[num_tokens, num_heads, r]")
-    _, block_size, num_kv_heads, r, d = _check_caches(key_cache, value_cache)
+    _, block_size, num_kv_heads, r, d = _check_caches(key_cache, call.value_cache)
     num_tokens, num_heads, q_r = q.shape
     if q.dtype != key_cache.dtype:
         raise ThinKVError(f"q ({q.dtype}) and the caches ({key_cache.dtype}) must have the same dtype")
@@ -182,16 +178,10 @@ def attention_shape(
     return AttentionShape(num_tokens, num_heads, num_kv_heads, r, d, block_size, num_seqs)
 
 
-def attention_metadata_limits(
-    shape: AttentionShape,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    gaps: torch.Tensor | None,
-) -> tuple[int, int]:
+def attention_metadata_limits(call: AttentionCall, shape: AttentionShape) -> tuple[int, int]:
     """Check the metadata values (one device sync) and return (max_seqlen_q, max_seqlen_k)."""
-    cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
+    cu = call.cu_seqlens_q.tolist()
+    lens = call.seq_lens.tolist()
     q_lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
     if cu[0] != 0:
         raise ThinKVError(f"cu_seqlens_q must start at 0, got {cu[0]}")
@@ -205,13 +195,13 @@ def attention_metadata_limits(
             f"seq_lens must include this step's query tokens (seq_len >= q_len); violated by sequences {bad[:8]}"
         )
     longest = max(lens, default=0)
-    if longest > block_table.shape[1] * shape.block_size:
+    if longest > call.block_table.shape[1] * shape.block_size:
         raise ThinKVError(
-            f"a sequence of {longest} tokens does not fit a block table of {block_table.shape[1]} blocks "
+            f"a sequence of {longest} tokens does not fit a block table of {call.block_table.shape[1]} blocks "
             f"x {shape.block_size}"
         )
-    if gaps is not None:
-        for i, ((lo, hi), ql, sl) in enumerate(zip(gaps.tolist(), q_lens, lens)):
+    if call.gaps is not None:
+        for i, ((lo, hi), ql, sl) in enumerate(zip(call.gaps.tolist(), q_lens, lens)):
             if not 0 <= lo <= hi <= sl - ql:
                 raise ThinKVError(
                     f"gap [{lo}, {hi}) of sequence {i} must lie in its cached context [0, {sl - ql}) "
@@ -220,21 +210,14 @@ def attention_metadata_limits(
     return max(q_lens, default=0), longest
 
 
-def check_write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    *,
-    triton_path: bool,
-    interpreting: bool = False,
-) -> None:
+def check_write_kv(write: KVWrite, *, triton_path: bool, interpreting: bool = False) -> None:
     """Shapes, dtypes and devices of a `write_kv` call (no device sync).
 
     key/value may have more rows than slot_mapping (vLLM pads them for CUDA graphs);
     only the first len(slot_mapping) tokens are written.
     """
+    key, value, key_cache, value_cache, slot_mapping = (
+        write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping)
     _check_rank(key, "key", 3, "[num_tokens, num_kv_heads, r]")
     _check_rank(value, "value", 3, "[num_tokens, num_kv_heads, d]")
     _, _, num_kv_heads, r, d = _check_caches(key_cache, value_cache)

@@ -9,40 +9,37 @@ from __future__ import annotations
 
 import torch
 
+from .calls import AttentionCall, KVWrite, attention_op, write_kv_op
+
 
 def _slot(block_table: torch.Tensor, seq: int, pos: int, block_size: int) -> tuple[int, int]:
     return int(block_table[seq, pos // block_size]), pos % block_size
 
 
-def paged_attention(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    gaps: torch.Tensor | None = None,
-) -> torch.Tensor:
+@attention_op
+def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
     """[T, H, d] float64: softmax(scale · q·k) · v over positions p <= the query's, outside the gap.
 
-    A query with no visible key gets 0.
+    A query with no visible key gets 0. Same arguments as the ops; returns a new CPU tensor
+    (`out` must be None) and ignores the launch hints (max_seqlen_*, num_splits).
     """
-    num_tokens, num_heads, _ = q.shape
-    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert out is None, "the reference returns a new float64 tensor"
+    del num_splits
+    num_tokens, num_heads, _ = call.q.shape
+    _, block_size, num_kv_heads, _ = call.key_cache.shape
     group = num_heads // num_kv_heads
-    out = torch.zeros(num_tokens, num_heads, value_cache.shape[-1], dtype=torch.float64)
-    cu = cu_seqlens_q.tolist()
-    for seq, seq_len in enumerate(seq_lens.tolist()):
+    result = torch.zeros(num_tokens, num_heads, call.value_cache.shape[-1], dtype=torch.float64)
+    cu = call.cu_seqlens_q.tolist()
+    for seq, seq_len in enumerate(call.seq_lens.tolist()):
         first, last = cu[seq], cu[seq + 1]
         q_len = last - first
-        gap_lo, gap_hi = gaps[seq].tolist() if gaps is not None else (0, 0)
+        gap_lo, gap_hi = call.gaps[seq].tolist() if call.gaps is not None else (0, 0)
         kept = [p for p in range(seq_len) if not gap_lo <= p < gap_hi]
         if q_len == 0 or not kept:
             continue
-        slots = [_slot(block_table, seq, p, block_size) for p in kept]
-        keys = torch.stack([key_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, r]
-        values = torch.stack([value_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, d]
+        slots = [_slot(call.block_table, seq, p, block_size) for p in kept]
+        keys = torch.stack([call.key_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, r]
+        values = torch.stack([call.value_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, d]
         positions = torch.tensor(kept)
         for j in range(q_len):
             visible = positions <= seq_len - q_len + j
@@ -51,22 +48,14 @@ def paged_attention(
             for h in range(num_heads):
                 k = keys[visible, h // group]
                 v = values[visible, h // group]
-                weights = torch.softmax(k @ q[first + j, h].double().cpu() * scale, dim=0)
-                out[first + j, h] = weights @ v
-    return out
+                weights = torch.softmax(k @ call.q[first + j, h].double().cpu() * call.scale, dim=0)
+                result[first + j, h] = weights @ v
+    return result
 
 
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+@write_kv_op
+def write_kv(write: KVWrite) -> None:
     """In place: cache[slot // block_size, slot % block_size] = token, one token at a time; slot -1 skips."""
-    block_size = key_cache.shape[1]
-    for t, slot in enumerate(slot_mapping.tolist()):
-        if slot < 0:
-            continue
-        key_cache[slot // block_size, slot % block_size] = key[t]
-        value_cache[slot // block_size, slot % block_size] = value[t]
+    for t, block, offset in zip(*(index.tolist() for index in write.destinations())):
+        write.key_cache[block, offset] = write.key[t]
+        write.value_cache[block, offset] = write.value[t]

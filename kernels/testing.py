@@ -8,38 +8,24 @@ sequence's last block hold random block ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .calls import AttentionCall
 
 LAYOUTS = ("NHD", "HND")  # packed buffer [blocks, block_size, Hkv, r+d] or [blocks, Hkv, block_size, r+d]
 
 
-@dataclass
-class PagedBatch:
-    """Inputs of one `paged_attention` call (positional order of `args()`) and the packed buffer behind the caches."""
+@dataclass(frozen=True, eq=False)
+class PagedBatch(AttentionCall):
+    """A paged-attention call (positional order of `args()`) and the packed buffer behind its caches."""
 
-    q: torch.Tensor
-    key_cache: torch.Tensor
-    value_cache: torch.Tensor
-    block_table: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
-    scale: float
-    gaps: torch.Tensor | None
-    packed: torch.Tensor
+    packed: torch.Tensor = field(kw_only=True)
 
     def args(self) -> tuple:
         return (self.q, self.key_cache, self.value_cache, self.block_table, self.cu_seqlens_q, self.seq_lens,
                 self.scale)
-
-    @property
-    def max_seqlen_q(self) -> int:
-        return int((self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]).max())
-
-    @property
-    def max_seqlen_k(self) -> int:
-        return int(self.seq_lens.max())
 
 
 def packed_kv_cache(
@@ -75,8 +61,8 @@ def random_paged_batch(
     r: int,
     d: int,
     block_size: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     layout: str = "NHD",
     gaps: list[tuple[int, int]] | None = None,
     spare_blocks: int = 3,
@@ -87,6 +73,7 @@ def random_paged_batch(
     Blocks lying entirely inside a sequence's gap map to the NaN null block 0; gap
     positions sharing a block with kept tokens stay unwritten (NaN). Values are drawn
     on the CPU from `seed`, so a batch is the same on every device; meant for small sizes.
+    The default float32 CPU batch is enough to plan launches (`plan_attention`).
     """
     assert len(q_lens) == len(seq_lens) and all(0 <= ql <= sl for ql, sl in zip(q_lens, seq_lens))
     gen = torch.Generator().manual_seed(seed)
@@ -132,5 +119,7 @@ def random_paged_batch(
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         scale=r**-0.5,
         gaps=torch.tensor(gaps_list, dtype=torch.int32, device=device) if gaps is not None else None,
+        max_seqlen_q=max(q_lens, default=0),
+        max_seqlen_k=max(seq_lens, default=0),
         packed=packed,
     )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .calls import AttentionCall, KVWrite, attention_op, write_kv_op
 from .checks import attention_metadata_limits, check_attention_call, check_write_kv
 
 
@@ -46,67 +47,43 @@ def _equal_widths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     return q, k, v
 
 
-def paged_attention_torch(
-    q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    out: torch.Tensor | None = None,
-    *,
-    gaps: torch.Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """`paged_attention` in torch. Reads the metadata on the host (it loops over sequences),
-    so the values are always validated; max_seqlen_* and num_splits are accepted for
-    signature compatibility and not needed."""
-    del max_seqlen_q, max_seqlen_k, num_splits
-    shape = check_attention_call(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, out, gaps,
-                                 triton_path=False)
-    attention_metadata_limits(shape, block_table, cu_seqlens_q, seq_lens, gaps)
+@attention_op
+def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
+    """`paged_attention` in torch, with its signature (`calls.attention_op`). Reads the metadata
+    on the host (it loops over sequences), so the values are always validated; the maxima and
+    num_splits are accepted for signature compatibility and not needed."""
+    del num_splits
+    shape = check_attention_call(call, out, triton_path=False)
+    attention_metadata_limits(call, shape)
     if out is None:
-        out = q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
-    cu = cu_seqlens_q.tolist()
-    gap_list = gaps.tolist() if gaps is not None else [(0, 0)] * shape.num_seqs
+        out = call.q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
+    cu = call.cu_seqlens_q.tolist()
+    gap_list = call.gaps.tolist() if call.gaps is not None else [(0, 0)] * shape.num_seqs
     gqa = shape.group > 1
-    for seq, seq_len in enumerate(seq_lens.tolist()):
+    for seq, seq_len in enumerate(call.seq_lens.tolist()):
         first, last = cu[seq], cu[seq + 1]
         q_len = last - first
         if q_len == 0:
             continue
-        blocks = block_table[seq]
+        blocks = call.block_table[seq]
         # 4-D [1, heads, tokens, dim] views: with 3-D inputs torch's CPU SDPA takes its slow math path (~10x).
-        keys = _kept(key_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, r]
-        values = _kept(value_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, d]
-        queries = q[first:last].transpose(0, 1)[None]  # [1, H, q_len, r]
+        keys = _kept(call.key_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, r]
+        values = _kept(call.value_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, d]
+        queries = call.q[first:last].transpose(0, 1)[None]  # [1, H, q_len, r]
         if q_len == 1:
             mask = None  # the last position sees every kept key
         else:
             mask = causal_lower_right(q_len, keys.shape[2])
-        o = F.scaled_dot_product_attention(*_equal_widths(queries, keys, values), attn_mask=mask, scale=scale,
+        o = F.scaled_dot_product_attention(*_equal_widths(queries, keys, values), attn_mask=mask, scale=call.scale,
                                            enable_gqa=gqa)
         out[first:last] = o[0, ..., : shape.d].transpose(0, 1)
     return out
 
 
-def write_kv_torch(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+@write_kv_op
+def write_kv_torch(write: KVWrite) -> None:
     """`write_kv` in torch: one indexed copy per cache for all tokens with slot >= 0."""
-    check_write_kv(key, value, key_cache, value_cache, slot_mapping, triton_path=False)
-    num_tokens = slot_mapping.shape[0]
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    slots = slots[keep]
-    block_size = key_cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
-    key_cache[blocks, offsets] = key[:num_tokens][keep]
-    value_cache[blocks, offsets] = value[:num_tokens][keep]
+    check_write_kv(write, triton_path=False)
+    tokens, blocks, offsets = write.destinations()
+    write.key_cache[blocks, offsets] = write.key[tokens]
+    write.value_cache[blocks, offsets] = write.value[tokens]

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .calls import KVWrite, write_kv_op
 from .checks import check_write_kv
 from .launch import KernelCall, interpreting
 
@@ -54,40 +55,30 @@ def write_kv_kernel(
     tl.store(v_dst + offs_d[None, :] * stride_vcc, tl.load(v_src, mask=v_mask), mask=v_mask)
 
 
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+@write_kv_op
+def write_kv(write: KVWrite) -> None:
     """Store key[t] / value[t] at cache slot slot_mapping[t] for t < len(slot_mapping); slot -1 skips.
 
+    Called as write_kv(key, value, key_cache, value_cache, slot_mapping) (`calls.write_kv_op`):
     key [T, Hkv, r], value [T, Hkv, d], key_cache [num_blocks, block_size, Hkv, r],
     value_cache [num_blocks, block_size, Hkv, d] (any strides), slot_mapping [T'] int32/int64
     with T' <= T. Slots must be -1 or < num_blocks * block_size (not checked: no device sync).
     """
-    check_write_kv(key, value, key_cache, value_cache, slot_mapping, triton_path=True, interpreting=interpreting())
-    for call in plan_write_kv(key, value, key_cache, value_cache, slot_mapping):
-        call()
+    check_write_kv(write, triton_path=True, interpreting=interpreting())
+    for kernel_launch in plan_write_kv(write):
+        kernel_launch()
 
 
-def plan_write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> list[KernelCall]:
+def plan_write_kv(write: KVWrite) -> list[KernelCall]:
     """The launch of one validated `write_kv` call (none for zero tokens)."""
-    num_tokens = slot_mapping.shape[0]
+    num_tokens = write.slot_mapping.shape[0]
     if num_tokens == 0:
         return []
-    _, block_size, num_kv_heads, r = key_cache.shape
-    d = value_cache.shape[3]
+    _, block_size, num_kv_heads, r = write.key_cache.shape
+    d = write.value_cache.shape[3]
     args = (
-        key, value, key_cache, value_cache, slot_mapping, slot_mapping.stride(0),
-        *key.stride(), *value.stride(), *key_cache.stride(), *value_cache.stride(),
+        write.key, write.value, write.key_cache, write.value_cache, write.slot_mapping, write.slot_mapping.stride(0),
+        *write.key.stride(), *write.value.stride(), *write.key_cache.stride(), *write.value_cache.stride(),
     )
     constexprs = dict(
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),

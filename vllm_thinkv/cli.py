@@ -16,12 +16,12 @@ from vllm_thinkv.errors import ThinKVError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("vllm_thinkv.serve", "run vLLM's OpenAI-compatible server with the thinkv backend"),
+    "serve": ("vllm_thinkv.serve.cli", "run vLLM's OpenAI-compatible server with the thinkv backend"),
     "compress": ("vllm_thinkv.compress.cli", "turn an HF checkpoint into a thin-key checkpoint"),
     "finetune": ("vllm_thinkv.compress.finetune_cli", "fine-tune the q/k side of a thin-key checkpoint"),
     "eval": ("vllm_thinkv.eval.cli", "perplexity and passkey retrieval of a (thin-key) checkpoint"),
     "analyze": ("vllm_thinkv.analyze.cli", "measure why a model's keys are compressible (spectra, ranks, R^2)"),
-    "capacity": ("vllm_thinkv.capacity", "KV-cache capacity model from an HF config (no weights)"),
+    "capacity": ("vllm_thinkv.capacity.cli", "KV-cache capacity model from an HF config (no weights)"),
 }
 
 

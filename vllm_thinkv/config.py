@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import MAX_HEAD_DIM, QK_MULTIPLE
 
 THINKV_VERSION = 1
 METHODS = ("pairs", "pca", "svd")
 FORMS = ("rope_subspace", "post_rope_projection")
-# The kernels support QK head sizes that are multiples of 8 in [8, 256].
-RANK_MULTIPLE = 8
-MAX_RANK = 256
 
 # original HF architecture -> thin architecture registered by the plugin
 ARCHITECTURES: dict[str, str] = {
@@ -79,10 +77,11 @@ def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> Non
         raise ThinKVError(f"{what} {rank} is out of range: it must be in [1, head_dim = {head_dim}]")
     if method == "pairs" and rank % 2:
         raise ThinKVError(f"{what} {rank} is odd: 'pairs' keeps whole rotary pairs (2 dims each), so it must be even")
-    if rank % RANK_MULTIPLE or rank > MAX_RANK:
+    # The kernels' rule (`kernels.checks.check_qk_head_dim`), in the words of a rank.
+    if rank % QK_MULTIPLE or rank > MAX_HEAD_DIM:
         raise ThinKVError(
             f"{what} {rank} is not supported by the thinkv kernels: they support QK head sizes that are "
-            f"multiples of {RANK_MULTIPLE} in [{RANK_MULTIPLE}, {MAX_RANK}]"
+            f"multiples of {QK_MULTIPLE} in [{QK_MULTIPLE}, {MAX_HEAD_DIM}]"
         )
 
 

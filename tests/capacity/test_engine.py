@@ -9,14 +9,14 @@ import sys
 import pytest
 
 from tests.vllm.engine import BASE_ENV, ENGINE, run_engine
-from vllm_thinkv.capacity_model import GiB, load_shape, num_blocks
+from vllm_thinkv.capacity.model import GiB, load_shape, num_blocks
 
 
 def engine_cache_tokens(model_dir, **engine) -> tuple[int, int]:
     """(num_gpu_blocks × block_size, block_size) of an engine started on `model_dir`."""
     trace = run_engine({"model": str(model_dir), "engine": {**ENGINE, **engine}, "batches": [["Hello"]], "max_tokens": 2},
-                       script="trace_blocks")
-    return trace["num_blocks"] * trace["block_size"], trace["block_size"]
+                       mode="trace")
+    return trace["num_gpu_blocks"] * trace["block_size"], trace["block_size"]
 
 
 def test_predicted_capacity_equals_vllms_on_smollm2(smollm2_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from vllm_thinkv.capacity_model import (
+from vllm_thinkv.capacity.model import (
     GiB,
     load_shape,
     max_sequences,

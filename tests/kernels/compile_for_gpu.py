@@ -23,6 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from vllm_thinkv.kernels import launch  # noqa: E402
 from vllm_thinkv.kernels.attention import plan_attention  # noqa: E402
+from vllm_thinkv.kernels.calls import KVWrite  # noqa: E402
 from vllm_thinkv.kernels.checks import attention_shape  # noqa: E402
 from vllm_thinkv.kernels.testing import random_paged_batch  # noqa: E402
 from vllm_thinkv.kernels.write_kv import plan_write_kv  # noqa: E402
@@ -79,13 +80,14 @@ def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap
     )
     calls = []
     for q_lens_max in (1, 40):  # decode-only plan (uses the split heuristic) and mixed plan
-        shape = attention_shape(*b.args()[:6], None, b.gaps)
+        shape = attention_shape(b)
         out = b.q.new_empty(shape.num_tokens, shape.num_heads, d)
-        calls += plan_attention(shape, out, *b.args(), b.gaps, max_seqlen_q=q_lens_max, max_seqlen_k=8192,
-                                num_splits=None, facts=DEVICES[arch])
+        calls += plan_attention(b, shape, out, max_seqlen_q=q_lens_max, max_seqlen_k=8192, num_splits=None,
+                                facts=DEVICES[arch])
     key = torch.randn(4, 2, r, dtype=dtype)
     value = torch.randn(4, 2, d, dtype=dtype)
-    calls += plan_write_kv(key, value, b.key_cache, b.value_cache, torch.tensor([3, -1, 7, 9], dtype=torch.int64))
+    slots = torch.tensor([3, -1, 7, 9], dtype=torch.int64)
+    calls += plan_write_kv(KVWrite(key, value, b.key_cache, b.value_cache, slots))
     return calls
 
 

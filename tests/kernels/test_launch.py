@@ -46,11 +46,10 @@ def test_split_heuristic():
 
 
 def _plan(q_lens, seq_lens, max_seqlen_q, num_splits=None, group=4):
-    b = random_paged_batch(q_lens, seq_lens, num_heads=group, num_kv_heads=1, r=32, d=64, block_size=16,
-                           dtype=torch.float32, device="cpu")
-    shape = attention_shape(*b.args()[:6], None, None)
+    b = random_paged_batch(q_lens, seq_lens, num_heads=group, num_kv_heads=1, r=32, d=64, block_size=16)
+    shape = attention_shape(b)
     out = b.q.new_empty(shape.num_tokens, shape.num_heads, 64)
-    calls = plan_attention(shape, out, *b.args(), None, max_seqlen_q=max_seqlen_q, max_seqlen_k=max(seq_lens),
+    calls = plan_attention(b, shape, out, max_seqlen_q=max_seqlen_q, max_seqlen_k=max(seq_lens),
                            num_splits=num_splits, facts=H100)
     return [(c.kernel.fn.__name__, c.constexprs.get("DECODE"), c.constexprs.get("NUM_SPLITS"), c.grid) for c in calls]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from vllm_thinkv.bench.offline import OFFLINE_ENV, EngineFailed, run_in_subprocess  # noqa: F401  (EngineFailed: for tests)
+from vllm_thinkv.bench.engine import OFFLINE_ENV, EngineFailed, run_in_subprocess  # noqa: F401  (EngineFailed: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,14 +29,33 @@ ENGINE = {
 BASE_ENV = {
     **OFFLINE_ENV,
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB; also skips vLLM's NUMA free-memory check
-    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # for the apply_model probe
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # for the apply_model probes
 }
 
+# Run inside the workers with LLM.apply_model (tests/vllm/probes.py; importable from REPO).
+PROBES = {
+    "attention_impls": "tests.vllm.probes:attention_classes",
+    "snapkv_selections": "tests.vllm.probes:snapkv_selections",
+}
+# What a spec leaves out: 32 tokens with top-2 log-probs (generate), 16 tokens (step, trace).
+DEFAULTS = {"generate": {"max_tokens": 32, "logprobs": 2}, "step": {"max_tokens": 16}, "trace": {"max_tokens": 16}}
 
-def run_engine(spec: dict, env: dict | None = None, timeout: int = 900, script: str = "run_llm") -> dict:
-    """Run `tests.vllm.<script>` (run_llm or trace_blocks) with SPEC in a fresh process; return its JSON."""
-    return run_in_subprocess(spec, module=f"tests.vllm.{script}", env={**os.environ, **BASE_ENV, **(env or {})},
-                             cwd=REPO, timeout=timeout)
+
+def run_engine(spec: dict[str, Any], env: dict[str, str] | None = None, timeout: int = 900, *, mode: str = "generate",
+               probes: Sequence[str] = ()) -> dict[str, Any]:
+    """One engine (`vllm_thinkv.bench.engine`, MODE) on SPEC in a fresh process; returns its result.
+
+    Every generate run also reports which attention impl classes the workers use
+    (`attention_impls`); `probes` names more of PROBES (e.g. "snapkv_selections",
+    the first worker's, as there is one)."""
+    names = [*(["attention_impls"] if mode == "generate" else []), *probes]
+    spec = {**DEFAULTS[mode], **spec, "mode": mode, "probes": {n: PROBES[n] for n in names}}
+    run = run_in_subprocess(spec, env={**os.environ, **BASE_ENV, **(env or {})}, cwd=REPO, timeout=timeout)
+    per_worker = run.pop("probes")
+    if "attention_impls" in per_worker:
+        run["attention_impls"] = sorted({c for worker in per_worker.pop("attention_impls") for c in worker})
+    run.update({name: result[0] for name, result in per_worker.items()})
+    return run
 
 
 def prompts_from_text(tokenizer, text: str, lengths: list[int], offset: int = 0) -> list[list[int]]:

@@ -17,7 +17,7 @@ def snapkv_selections(model) -> list[list[tuple[int, list[list[int]]]]]:
     from vllm.model_executor.layers.attention import Attention
 
     return [
-        [(p, idx.cpu().tolist()) for p, idx in m.impl.snapkv.recent_selections]
+        [(p, idx.cpu().tolist()) for p, idx in m.impl.snapkv_layer.recent_selections]
         for m in model.modules()
         if isinstance(m, Attention)
     ]

@@ -90,7 +90,7 @@ def test_capabilities_seen_by_vllm_selector():
     cases = {
         "head_size not supported: thinkv backend: query/key head size must be a multiple of 8": dict(head_size=12),
         "head_size not supported: thinkv": dict(head_size=264),
-        "kv_cache_dtype not supported: thinkv backend does not support this kv-cache-dtype": dict(kv_cache_dtype="fp8"),
+        "kv_cache_dtype not supported: thinkv backend does not support kv-cache-dtype 'fp8'": dict(kv_cache_dtype="fp8"),
         "block_size not supported: thinkv backend: block size must be a multiple of 16": dict(block_size=24),
         "sliding window not supported: thinkv backend does not support sliding-window attention":
             dict(has_sliding_window=True),

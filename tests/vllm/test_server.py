@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from tests.vllm.engine import BASE_ENV
-from vllm_thinkv.launch import ServerProcess
+from vllm_thinkv.serve.process import ServerProcess
 
 SERVE_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--block-size", "32", "--enforce-eager",
               "--max-num-seqs", "16", "--served-model-name", "tiny"]

@@ -34,8 +34,8 @@ def mixed_run(smollm2_dir, smollm2):
     tok, _ = smollm2
     prompts = prompts_from_text(tok, packaged_text(), [600, 9, 40, 70])
     spec = {"model": str(smollm2_dir), "engine": snapkv_engine(), "batches": [prompts, [prompts[0]]],
-            "max_tokens": 24, "logprobs": 2, "snapkv_selections": True}
-    return prompts, run_engine(spec)
+            "max_tokens": 24, "logprobs": 2}
+    return prompts, run_engine(spec, probes=["snapkv_selections"])
 
 
 def test_selection_and_generation_match_transformers(mixed_run, smollm2):
@@ -69,8 +69,8 @@ def test_prompt_blocks_are_given_back(tiny_llama_dir):
     engine = {**ENGINE, "block_size": 16, "max_model_len": 4400, "max_num_batched_tokens": 1024,
               "attention_backend": "thinkv", "hf_overrides": {"thinkv_snapkv": {"budget": 1024, "window": 32}}}
     trace = run_engine({"model": str(tiny_llama_dir), "engine": engine, "batches": [[prompt]], "max_tokens": 40},
-                       script="trace_blocks")
-    assert trace["spec_type"] == "SnapKVSpec"
+                       mode="trace")
+    assert trace["kv_cache_spec"] == "SnapKVSpec"
     held = [(s["running"][0]["computed"], s["running"][0]["blocks"]) for s in trace["steps"] if s["running"]]
     assert (4096, 256) in held  # the whole prompt while it is prefilled: peak memory is unchanged
     for computed, blocks in held:
@@ -78,7 +78,7 @@ def test_prompt_blocks_are_given_back(tiny_llama_dir):
             assert blocks == 66 + -(-(computed - 4096) // 16), (computed, blocks)
     # The freed blocks are back in vLLM's pool (every block but the null block is free or held).
     for s in trace["steps"]:
-        assert s["free_blocks"] + sum(r["blocks"] for r in s["running"]) == trace["num_blocks"] - 1
+        assert s["free_blocks"] + sum(r["blocks"] for r in s["running"]) == trace["num_gpu_blocks"] - 1
 
 
 def peak_running(trace) -> int:
@@ -91,9 +91,9 @@ def test_more_requests_run_concurrently_in_the_same_cache(tiny_llama_dir):
     base = {**ENGINE, "block_size": 16, "max_num_batched_tokens": 1024, "max_num_seqs": 8,
             "num_gpu_blocks_override": 300, "attention_backend": "thinkv"}
     spec = {"model": str(tiny_llama_dir), "batches": [prompts], "max_tokens": 64}
-    full = run_engine({**spec, "engine": base}, script="trace_blocks")
+    full = run_engine({**spec, "engine": base}, mode="trace")
     snap = run_engine({**spec, "engine": {**base, "hf_overrides": {"thinkv_snapkv": {"budget": 128, "window": 16}}}},
-                      script="trace_blocks")
+                      mode="trace")
     # 300 blocks hold four 1024-token prompts (64 blocks each, plus decode); compacted
     # requests hold 8 blocks plus decode, so all eight fit.
     assert peak_running(full) <= 4
@@ -109,10 +109,10 @@ def test_preemption_and_recompute_redo_the_selection(smollm2_dir, smollm2):
     engine = {**ENGINE, "block_size": 16, "max_num_batched_tokens": 512, "max_model_len": 256,
               "num_gpu_blocks_override": 40, "attention_backend": "thinkv",
               "hf_overrides": {"thinkv_snapkv": {"budget": 32, "window": 16}}}
-    trace = run_engine({"model": str(smollm2_dir), "engine": engine, "batches": [prompts], "max_tokens": 96,
-                        "snapkv_selections": True}, script="trace_blocks")
+    trace = run_engine({"model": str(smollm2_dir), "engine": engine, "batches": [prompts], "max_tokens": 96},
+                       mode="trace", probes=["snapkv_selections"])
     assert max(r["preemptions"] for s in trace["steps"] for r in s["running"]) > 0
-    contexts = [p + trace["outputs"][str(i)] for i, p in enumerate(prompts)]
+    contexts = [p + r["token_ids"] for p, r in zip(prompts, trace["requests"])]
     config = SnapKVConfig(budget=32, window=16)
     layer0 = trace["snapkv_selections"][0]
     assert len(layer0) > len(prompts)  # recomputed requests were compacted again

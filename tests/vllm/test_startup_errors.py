@@ -8,7 +8,7 @@ import pytest
 
 from tests.tiny import build_tiny_llama
 from tests.vllm.engine import BASE_ENV, ENGINE, EngineFailed, run_engine
-from vllm_thinkv.launch import ServerProcess
+from vllm_thinkv.serve.process import ServerProcess
 
 
 def expect_startup_failure(model, message: str, **engine) -> None:
@@ -24,7 +24,8 @@ def test_sliding_window_rejected(tiny_llama_dir, tmp_path):
     config = json.loads((model / "config.json").read_text())
     config.update(sliding_window=64, layer_types=["sliding_attention"] * config["num_hidden_layers"])
     (model / "config.json").write_text(json.dumps(config))
-    expect_startup_failure(model, "thinkv backend does not support sliding-window attention (window 64)")
+    # Refused at backend selection, in the words of vLLM's selector (before any layer is built).
+    expect_startup_failure(model, "sliding window not supported: thinkv backend does not support sliding-window attention")
 
 
 def test_unsupported_value_head_size_rejected(tmp_path):
@@ -42,3 +43,31 @@ def test_fp8_kv_cache_rejected_by_thinkv_serve(tiny_llama_dir, tmp_path):
     finally:
         server.stop()
     assert "thinkv backend does not support kv-cache-dtype 'fp8'" in log.read_text()
+
+
+def refusal(log: str) -> str:
+    """The selector's refusal in an engine log, from "Selected backend" to the end of its line."""
+    lines = [line[line.index("Selected backend"):] for line in log.splitlines() if "Selected backend" in line]
+    assert lines, log[-3000:]
+    return lines[-1]
+
+
+def test_thin_checkpoint_refused_like_a_stock_model(tiny_llama_dir, tmp_path):
+    """A thin checkpoint never reaches vLLM's selector (its layers name their backend), yet an
+    unsupported block size is refused at start-up in the selector's words, as for a stock model."""
+    import subprocess
+    import sys
+
+    thin = tmp_path / "thin"
+    subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "compress", str(tiny_llama_dir), str(thin),
+                    "--method", "pairs", "--rank", "32", "--no-progress", "--calib-tokens", "1024",
+                    "--calib-ctx", "256"], check=True)
+    messages = []
+    for model, engine in [(tiny_llama_dir, {"attention_backend": "thinkv"}), (thin, {})]:
+        spec = {"model": str(model), "engine": {**ENGINE, **engine, "block_size": 24}, "batches": [["Hello"]],
+                "max_tokens": 2}
+        with pytest.raises(EngineFailed) as err:
+            run_engine(spec, timeout=300)
+        messages.append(refusal(err.value.log))
+    assert messages[0] == messages[1], messages
+    assert "block size must be a multiple of 16, got 24" in messages[0]

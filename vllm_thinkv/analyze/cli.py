@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vllm_thinkv.analyze import plots, report
     from vllm_thinkv.analyze.run import analyze
+    from vllm_thinkv.results import write_json
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     result = {"meta": report.provenance(command_line(args, device), device), "definitions": report.DEFINITIONS, **result}
     result["headline"] = report.headline(result)
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(result, out / "analysis.json")
+    # every number to 6 significant digits, each list on one line: readable, diffable, small
+    write_json(out / "analysis.json", result, indent=1, digits=6, inline_lists=True)
     names = plots.write_plots(result, out)
     (out / "summary.md").write_text(report.summary_markdown(result, names), encoding="utf-8")
     log.info("wrote %s: analysis.json, summary.md, %s", out, ", ".join(names))

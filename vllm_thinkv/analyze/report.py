@@ -1,17 +1,17 @@
-"""Headline numbers, `analysis.json` and `summary.md`, all derived from the result dict."""
+"""Headline numbers, provenance and `summary.md`, all derived from the result dict
+(`analysis.json` is written with `vllm_thinkv.results.write_json`)."""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from vllm_thinkv.analyze.config import KINDS, KV_KINDS, WEIGHTS
+from vllm_thinkv.results import device_label, package_version
 
 DEFINITIONS = {
     "effective_rank": "smallest r with sum_{i<=r} s_i^2 >= p * sum_i s_i^2 (s: singular values), for energy p",
@@ -85,47 +85,15 @@ def headline(result: dict) -> dict:
 
 def provenance(command: str, device: str) -> dict:
     """Date, exact command, versions and hardware: what a reader needs to reproduce a result."""
-
-    def version(pkg: str) -> str | None:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    hw = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"{platform.processor() or platform.machine()}"
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "versions": {
             "python": platform.python_version(),
-            **{p: version(p) for p in ("vllm-thinkv", "torch", "transformers", "matplotlib")},
+            **{p: package_version(p) for p in ("vllm-thinkv", "torch", "transformers", "matplotlib")},
         },
-        "hardware": {"device": device, "name": hw, "torch_threads": torch.get_num_threads()},
+        "hardware": {"device": device, "name": device_label(device), "torch_threads": torch.get_num_threads()},
     }
-
-
-def _round(x, digits: int = 6):
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}")
-    if isinstance(x, list):
-        return [_round(v, digits) for v in x]
-    if isinstance(x, dict):
-        return {k: _round(v, digits) for k, v in x.items()}
-    return x
-
-
-def _dumps(x, indent: str = "") -> str:
-    """JSON with dicts one key per line and every list on one line: readable, diffable, small."""
-    if isinstance(x, dict) and x:
-        inner = indent + " "
-        items = [f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in x.items()]
-        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
-    return json.dumps(x, ensure_ascii=False)
-
-
-def write_json(result: dict, path: Path) -> None:
-    """Every number, rounded to 6 significant digits."""
-    path.write_text(_dumps(_round(result)) + "\n", encoding="utf-8")
 
 
 def _fmt(x, digits: int = 2) -> str:

@@ -1,64 +1,77 @@
 """`ThinKVBackend`: what the thinkv backend supports, stated explicitly.
 
-vLLM's own selector (on CUDA) calls these capability methods and rejects an
-unsupported configuration before the model is built; the impl re-checks what
-the selector does not see (CPU skips selection) with messages that name the
-problem and what is supported.
+vLLM's selector calls these capability methods with the deployment's values
+and refuses an unsupported configuration as the first attention layer is built; the thin
+models and the CPU platform plugin run the same check (`deployment.check_selection`)
+so every path gives the selector's message. Every limit comes from the kernels'
+own definitions (`vllm_thinkv.kernels.checks`).
 
 Head sizes: vLLM passes the QK head size (`head_size` = r) here; the V head
-size d arrives with the layer's KV-cache spec and is checked in `customize_spec`
-(the rules are the kernels' own: `vllm_thinkv.kernels.checks`).
+size d arrives with the layer's KV-cache spec and is checked in `customize_spec`.
+
+A deployment with SnapKV runs on a subclass made by `backend_for(snapkv_config)`,
+whose `customize_spec` puts those settings into the KV-cache spec (the only
+channel vLLM offers from a backend to its engine-core block manager). The
+subclass is made once per settings value and never changed afterwards.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
 
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.kernels.checks import check_head_dims, check_qk_head_dim
+from vllm_thinkv.kernels.checks import (
+    BLOCK_SIZE_MULTIPLE,
+    MAX_HEAD_DIM,
+    MIN_COMPUTE_CAPABILITY,
+    QK_MULTIPLE,
+    SUPPORTED_DTYPES,
+    SUPPORTED_KV_CACHE_DTYPES,
+    check_head_dims,
+    check_qk_head_dim,
+)
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import AttentionSpec
 
-BACKEND_PATH = "vllm_thinkv.backend.backend.ThinKVBackend"
+def _capability(selection: dict[str, Any]) -> str:
+    cap = selection.get("device_capability")
+    return f"{cap.major}.{cap.minor}" if cap is not None else "none"
 
-# vLLM's selector (CUDA) reports generic reasons; say what thinkv supports instead.
-THINKV_REASONS = {
-    "head_size not supported": "thinkv backend: query/key head size must be a multiple of 8 from 8 to 256",
-    "dtype not supported": "thinkv backend supports float16, bfloat16 and float32 models",
-    "kv_cache_dtype not supported": "thinkv backend does not support this kv-cache-dtype (supported: auto, float16, bfloat16)",
-    "block_size not supported": "thinkv backend: block size must be a multiple of 16",
-    "sliding window not supported": "thinkv backend does not support sliding-window attention",
-    "attention sinks not supported": "thinkv backend does not support attention sinks",
-    "MLA not supported": "thinkv backend does not support MLA models",
-    "compute capability not supported": "thinkv kernels need a GPU with compute capability 8.0 or newer",
-    "KV connector not supported": "thinkv backend does not support KV-transfer connectors",
+
+# vLLM's selector reports generic reasons; say what thinkv supports, and what it got.
+THINKV_REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "head_size not supported": lambda c: f"thinkv backend: query/key head size must be a multiple of {QK_MULTIPLE} "
+                                         f"from {QK_MULTIPLE} to {MAX_HEAD_DIM}, got {c.get('head_size')}",
+    "dtype not supported": lambda c: f"thinkv backend supports {', '.join(str(t) for t in SUPPORTED_DTYPES)} models, "
+                                     f"got {c.get('dtype')}",
+    "kv_cache_dtype not supported": lambda c: f"thinkv backend does not support kv-cache-dtype {c.get('kv_cache_dtype')!r} "
+                                              f"(supported: {', '.join(SUPPORTED_KV_CACHE_DTYPES)})",
+    "block_size not supported": lambda c: f"thinkv backend: block size must be a multiple of {BLOCK_SIZE_MULTIPLE}, "
+                                          f"got {c.get('block_size')}",
+    "sliding window not supported": lambda c: "thinkv backend does not support sliding-window attention",
+    "attention sinks not supported": lambda c: "thinkv backend does not support attention sinks",
+    "MLA not supported": lambda c: "thinkv backend does not support MLA models",
+    "compute capability not supported": lambda c: "thinkv kernels need a GPU with compute capability {}.{} or newer, "
+                                                  "got {}".format(*MIN_COMPUTE_CAPABILITY, _capability(c)),
+    "KV connector not supported": lambda c: "thinkv backend does not support KV-transfer connectors",
 }
-
-# What the kernels implement is checked by the kernels' own functions (one rule, one place).
-BLOCK_SIZE_MULTIPLE = 16
-MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core dots
 
 class ThinKVBackend(AttentionBackend):
     """Paged attention with QK head size r and V head size d (DiffKV cache layout)."""
 
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    # No quantised KV cache: the kernels read K and V in the model dtype.
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(SUPPORTED_KV_CACHE_DTYPES)
     # KV writes happen in `do_kv_cache_update`, before `forward`.
     forward_includes_kv_cache_update: bool = False
-    # The deployment's SnapKV settings, set while the model is built (the impl
-    # reads them from the HF config) and read by `customize_spec`, which vLLM
-    # calls without a config (the same pattern as vLLM's DiffKV `head_size_v`).
-    snapkv: ClassVar[SnapKVConfig | None] = None
-
-    @classmethod
-    def configure_snapkv(cls, config: SnapKVConfig | None) -> None:
-        cls.snapkv = config
+    # Set only in the subclasses `backend_for` makes, at their creation.
+    snapkv_config: ClassVar[SnapKVConfig | None] = None
 
     @staticmethod
     def get_name() -> str:
@@ -144,14 +157,32 @@ class ThinKVBackend(AttentionBackend):
     def validate_configuration(cls, **kwargs) -> list[str]:
         """vLLM's reasons (it calls this with keywords only), with thinkv's explanation."""
         reasons = super().validate_configuration(**kwargs)
-        return [f"{r}: {THINKV_REASONS[r]}" if r in THINKV_REASONS else f"{r} (thinkv backend)" for r in reasons]
+        return [f"{r}: {THINKV_REASONS[r](kwargs)}" if r in THINKV_REASONS else f"{r} (thinkv backend)" for r in reasons]
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         # The one place vLLM shows the backend the V head size before allocation.
         check_head_dims(spec.head_size, spec.head_size_v)
-        if cls.snapkv is not None:
-            from vllm_thinkv.snapkv.kv_cache import snapkv_spec
+        if cls.snapkv_config is None:
+            return spec
+        from vllm_thinkv.snapkv.kv_cache import snapkv_spec
 
-            return snapkv_spec(spec, cls.snapkv)
-        return spec
+        return snapkv_spec(spec, cls.snapkv_config)
+
+
+@functools.cache
+def backend_for(snapkv_config: SnapKVConfig | None) -> type[ThinKVBackend]:
+    """The backend class for a deployment: `ThinKVBackend` itself without SnapKV,
+    else one subclass per settings value (equal settings, the same class).
+
+    It keeps the base class's module and name, so vLLM's logs and
+    `full_cls_name()` path name it as the backend vLLM resolves
+    (`vllm_thinkv.backend.selected`)."""
+    if snapkv_config is None:
+        return ThinKVBackend
+    return type(ThinKVBackend.__name__, (ThinKVBackend,), {
+        "__module__": "vllm_thinkv.backend.selected",
+        "__qualname__": ThinKVBackend.__qualname__,
+        "__doc__": f"ThinKVBackend with SnapKV {snapkv_config.to_dict()}",
+        "snapkv_config": snapkv_config,
+    })

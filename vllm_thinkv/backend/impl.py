@@ -13,13 +13,11 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
-from vllm_thinkv.backend.backend import ThinKVBackend
 from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.kernels.checks import check_qk_head_dim
-from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_qk_head_dim
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -28,7 +26,7 @@ def _unsupported(feature: str) -> ThinKVError:
     return ThinKVError(
         f"thinkv backend does not support {feature}. Supported: decoder-only causal "
         "self-attention without sliding window, ALiBi, sinks or logit soft-capping, "
-        "with an fp16/bf16/fp32 KV cache (kv-cache-dtype auto/float16/bfloat16)"
+        f"with an fp16/bf16/fp32 KV cache (kv-cache-dtype {'/'.join(SUPPORTED_KV_CACHE_DTYPES)})"
     )
 
 
@@ -47,9 +45,10 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         **extra_impl_args,
     ) -> None:
-        # Reject what the kernels do not implement, at model construction
-        # (start-up), never mid-request. On CUDA vLLM's selector has already
-        # checked the capability methods; on CPU nothing else checks.
+        # Reject what the kernels do not implement in this layer, at model
+        # construction (start-up), never mid-request. The deployment as a whole
+        # was checked once before the first layer (`backend.deployment`); these are
+        # the per-layer facts vLLM hands only to the impl.
         if attn_type != AttentionType.DECODER:
             raise _unsupported(f"attention type {attn_type!r}")
         if sliding_window is not None:
@@ -58,7 +57,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             raise _unsupported("ALiBi")
         if logits_soft_cap:
             raise _unsupported(f"logit soft-capping ({logits_soft_cap})")
-        if kv_cache_dtype not in ThinKVBackend.supported_kv_cache_dtypes:
+        if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
             raise _unsupported(f"kv-cache-dtype {kv_cache_dtype!r}")
         if kv_sharing_target_layer_name is not None:
             raise _unsupported("cross-layer KV-cache sharing")
@@ -79,10 +78,11 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        self.ops = select_ops(torch.device("cpu" if current_platform.is_cpu() else "cuda"))
+        self.ops = select_ops("cpu" if current_platform.is_cpu() else "cuda")
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
-        snapkv, max_num_seqs = _deployment_settings(kv_cache_dtype)
-        self.snapkv = None if snapkv is None else SnapKVLayer(snapkv, self.scale, self.ops.write_kv, max_num_seqs)
+        # Made on the first step that carries a SnapKV plan, from the settings the
+        # plan carries (the KV-cache spec's, through the metadata builder).
+        self.snapkv_layer: SnapKVLayer | None = None
 
     def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, Hkv, N, r + d] -> K [B, N, Hkv, r], V [B, N, Hkv, d] (views)."""
@@ -120,9 +120,10 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = self._split_cache(kv_cache)
-        if attn_metadata.snapkv is not None:
-            self.snapkv.before_attention(attn_metadata.snapkv, query, attn_metadata.query_start_loc_cpu,
-                                         key_cache, value_cache, attn_metadata.block_table)
+        if attn_metadata.snapkv_step is not None:
+            if self.snapkv_layer is None:
+                self.snapkv_layer = SnapKVLayer(attn_metadata.snapkv_step.config, self.scale, self.ops)
+            self.snapkv_layer.before_attention(attn_metadata, query, (key_cache, value_cache))
         self.ops.paged_attention(
             query[:n],
             key_cache,
@@ -138,42 +139,3 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         )
         return output
 
-
-def _deployment_settings(kv_cache_dtype: str) -> tuple[SnapKVConfig | None, int]:
-    """Validate what the model config asks of the backend, at model construction,
-    and return the SnapKV settings (`--hf-overrides '{"thinkv_snapkv": {...}}'`;
-    they also reach the KV-cache spec, and through it the engine core's block
-    manager, via ThinKVBackend) with the scheduler's max_num_seqs."""
-    from vllm.config import get_current_vllm_config
-    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
-
-    from vllm_thinkv.config import ARCHITECTURES
-
-    vllm_config = get_current_vllm_config()
-    model_config = vllm_config.model_config
-    hf_config = model_config.hf_config
-    if kv_cache_dtype != "auto" and kv_cache_dtype_str_to_dtype(kv_cache_dtype, model_config) != model_config.dtype:
-        raise _unsupported(f"a {kv_cache_dtype} KV cache for a {model_config.dtype} model (the KV cache must be "
-                           "in the model dtype; use --kv-cache-dtype auto)")
-    if vllm_config.kv_transfer_config is not None:
-        raise _unsupported("KV-transfer connectors (--kv-transfer-config)")
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if getattr(hf_config, "thinkv", None) is not None and not any(a in ARCHITECTURES.values() for a in archs):
-        thin = ARCHITECTURES.get(archs[0] if archs else "", "ThinKVLlamaForCausalLM")
-        raise ThinKVError(
-            f"the model config has a `thinkv` section but architecture {archs} would ignore it; for load-time "
-            f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{thin}"], "thinkv": ...}}\''
-        )
-    config = SnapKVConfig.from_hf_config(hf_config)
-    if config is not None:
-        if vllm_config.speculative_config is not None:
-            raise ThinKVError("thinkv SnapKV does not support speculative decoding")
-        if vllm_config.use_v2_model_runner:
-            # MRV2 re-admits a preempted request with its generated tokens as "prefill"
-            # (is_prefilling), which the block manager cannot see: the two would
-            # disagree about when the prompt was compacted.
-            raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
-        logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
-                         "(compaction rewrites prompt blocks)", str(config.to_dict()))
-    ThinKVBackend.configure_snapkv(config)
-    return config, vllm_config.scheduler_config.max_num_seqs

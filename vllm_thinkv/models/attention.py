@@ -12,7 +12,8 @@ vLLM's parallel layers. Two forms (see `vllm_thinkv.config`):
 Either way the layer hands q [T, H·r], k [T, Hkv·r], v [T, Hkv·d] to vLLM's
 `Attention(head_size=r, head_size_v=d)` with the original d^-0.5 scale, so the
 KV cache holds r + d values per token and KV head. The backend is always
-thinkv: a thin model on any other backend would compute garbage.
+thinkv (the class the model checked for its deployment, `backend.deployment`):
+a thin model on any other backend would compute garbage.
 
 Family differences handled here: Qwen2 has q/k/v biases (its config has no
 `attention_bias` flag); Qwen3 RMS-normalises each q/k head before RoPE (only
@@ -31,7 +32,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_thinkv.backend import ThinKVBackend
+from vllm_thinkv.backend.backend import ThinKVBackend
 from vllm_thinkv.config import ThinKVConfig
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.capture import rotate_half
@@ -53,6 +54,7 @@ class ThinKVAttention(nn.Module):
         attn_type: str = AttentionType.DECODER,
         *,
         thin: ThinKVConfig,
+        backend: type[ThinKVBackend],
     ) -> None:
         super().__init__()
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
@@ -93,7 +95,7 @@ class ThinKVAttention(nn.Module):
             self.k_basis = self._kv_head_parameter((self.num_kv_heads, d, r), None)
         self.attn = Attention(self.num_heads, r, d**-0.5, num_kv_heads=self.num_kv_heads, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn", attn_type=attn_type,
-                              attn_backend=ThinKVBackend, head_size_v=d)
+                              attn_backend=backend, head_size_v=d)
 
     def _kv_head_parameter(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Parameter:
         """A per-KV-head tensor; each tensor-parallel rank loads its KV heads' rows."""

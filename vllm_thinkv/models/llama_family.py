@@ -24,6 +24,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
+from vllm_thinkv.backend.deployment import thin_model_backend
 from vllm_thinkv.config import CompressRequest, ThinKVConfig, expected_shapes, parse_thinkv_section
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.models.attention import ThinKVAttention
@@ -32,9 +33,8 @@ logger = init_logger(f"vllm.{__name__}")
 
 
 
-def resolve_thin_config(vllm_config) -> tuple[ThinKVConfig, dict[str, torch.Tensor] | None]:
-    """The thin section of the checkpoint, or the result of compressing it now
-    (section + thin tensors) when the HF config carries a compression request."""
+def thin_section(vllm_config) -> ThinKVConfig | CompressRequest:
+    """The checkpoint's thin section, or the compression request it carries (validated)."""
     hf_config = vllm_config.model_config.hf_config
     section = getattr(hf_config, "thinkv", None)
     if section is None:
@@ -43,10 +43,7 @@ def resolve_thin_config(vllm_config) -> tuple[ThinKVConfig, dict[str, torch.Tens
             "`thinkv compress`, or compress at load time with --hf-overrides "
             '\'{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 48}}\''
         )
-    parsed = parse_thinkv_section(section)
-    if isinstance(parsed, ThinKVConfig):
-        return parsed, None
-    return _compress_at_load(vllm_config, parsed)
+    return parse_thinkv_section(section)
 
 
 def _compress_at_load(vllm_config, request: CompressRequest):
@@ -83,9 +80,15 @@ def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None
 
 class ThinKVForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
-        thin, thin_tensors = resolve_thin_config(vllm_config)
+        section = thin_section(vllm_config)
+        # vLLM's selector never sees a layer built with an explicit backend: check the
+        # deployment here, once, and before a load-time compression spends minutes.
+        ranks = section.ranks if isinstance(section, ThinKVConfig) else [section.rank or section.rank_budget]
+        backend = thin_model_backend(vllm_config, ranks)
+        thin, thin_tensors = ((section, None) if isinstance(section, ThinKVConfig)
+                              else _compress_at_load(vllm_config, section))
         warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)
-        layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin))
+        layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin, backend=backend))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.thin = thin
         self._load_time_tensors = thin_tensors

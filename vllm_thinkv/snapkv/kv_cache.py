@@ -27,14 +27,10 @@ from vllm_thinkv.snapkv.config import SnapKVConfig
 
 @dataclass(frozen=True, kw_only=True)
 class SnapKVSpec(FullAttentionSpec):
-    snapkv_budget: int | None = None
-    snapkv_budget_ratio: float | None = None
-    snapkv_window: int = 0
+    """A full-attention spec carrying the deployment's SnapKV settings, whole: the
+    worker's tracker and layers and the engine core's manager read this object."""
 
-    @property
-    def snapkv(self) -> SnapKVConfig:
-        return SnapKVConfig(budget=self.snapkv_budget, budget_ratio=self.snapkv_budget_ratio,
-                            window=self.snapkv_window)
+    snapkv_config: SnapKVConfig
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -42,23 +38,22 @@ class SnapKVSpec(FullAttentionSpec):
         return False
 
     @classmethod
-    def from_spec(cls, spec: FullAttentionSpec, config: SnapKVConfig) -> SnapKVSpec:
+    def from_spec(cls, spec: FullAttentionSpec, snapkv_config: SnapKVConfig) -> SnapKVSpec:
         fields = {name: getattr(spec, name) for name in FullAttentionSpec.__dataclass_fields__}
-        return cls(**fields, snapkv_budget=config.budget, snapkv_budget_ratio=config.budget_ratio,
-                   snapkv_window=config.window)
+        return cls(**fields, snapkv_config=snapkv_config)
 
     @classmethod
     def merge(cls, specs: list[SnapKVSpec]) -> SnapKVSpec:
-        settings = {(s.snapkv_budget, s.snapkv_budget_ratio, s.snapkv_window) for s in specs}
+        settings = {s.snapkv_config for s in specs}
         assert len(settings) == 1, f"all SnapKV layers must share one setting, got {settings}"
         base = FullAttentionSpec.merge(specs)  # type: ignore[arg-type]
-        return cls.from_spec(base, specs[0].snapkv)
+        return cls.from_spec(base, specs[0].snapkv_config)
 
 
 class SnapKVManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: SnapKVSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.snapkv = kv_cache_spec.snapkv
+        self.snapkv_config = kv_cache_spec.snapkv_config
         self._scheduled_end: dict[str, int] = {}  # end of the request's latest scheduled step
         self._compaction_start: dict[str, int] = {}  # C, once its compaction step is scheduled
 
@@ -74,7 +69,7 @@ class SnapKVManager(FullAttentionManager):
         compaction_start = self._compaction_start.get(request_id)
         if compaction_start is None or processed_computed_tokens <= compaction_start:
             return  # not compacted yet, or the compaction step has not run yet
-        kept = self.snapkv.kept_len(compaction_start)
+        kept = self.snapkv_config.kept_len(compaction_start)
         if kept is not None:
             self._remove_blocks_in_range(request_id, cdiv(kept, self.block_size), compaction_start // self.block_size)
 
@@ -90,12 +85,12 @@ class SnapKVManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
-def snapkv_spec(spec: FullAttentionSpec, config: SnapKVConfig) -> SnapKVSpec:
+def snapkv_spec(spec: FullAttentionSpec, snapkv_config: SnapKVConfig) -> SnapKVSpec:
     """The layer's spec with SnapKV settings; refuses to go on if vLLM would manage it
     with a manager that never frees (the plugin's registration failed)."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    out = SnapKVSpec.from_spec(spec, config)
+    out = SnapKVSpec.from_spec(spec, snapkv_config)
     manager = KVCacheSpecRegistry.get_manager_class(out)
     if manager is not SnapKVManager:
         raise ThinKVError(f"thinkv SnapKV: vLLM would manage its KV cache with {getattr(manager, '__name__', manager)}, "

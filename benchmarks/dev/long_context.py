@@ -3,9 +3,10 @@ window? The quality sweep calibrates (and evaluates) at ctx 1024 and fine-tunes 
 passkey prompts are 2048 tokens long. Mean NLL per position bucket on 2048-token windows of a dev
 split (the calibration novels from character 300000 on, disjoint from the calibration and
 fine-tuning windows), for models from the sweep (cached calibration / fine-tuned tensors) and for
-pca calibrated on 2048-token windows (`@2048`). Result: long_context.json. Command:
+pca calibrated on 2048-token windows (`@2048`). Result: benchmarks/results/quality-dev/long_context.json
+(updated in place, one key per model). Command:
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/results/quality-dev/long_context.py \
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/dev/long_context.py \
         original pca:48 pca:32 pca:32:ft svd:32:ft pca:32@2048
 """
 import copy, importlib.util, json, math, sys, time
@@ -19,14 +20,12 @@ from vllm_thinkv.config import CompressRequest
 from vllm_thinkv.hf.thin_model import make_thin
 from vllm_thinkv.hf.windows import windows_from_files
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("quality", HERE.parents[1] / "quality.py")
+BENCHMARKS = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("quality", BENCHMARKS / "quality.py")
 quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality)
 
-A = "/work/shared/data/austen"
-CALIB = [f"{A}/{b}.txt" for b in ("emma", "mansfieldpark", "sensesensibility")]
-EVAL = [f"{A}/{b}.txt" for b in ("prideprejudice", "persuasion", "northangerabbey")]
+CALIB, EVAL = quality.CALIB, quality.EVAL  # three Austen novels each, from ../shared/data/austen
 CTX, BUCKET, N_WINDOWS = 2048, 512, 8
 torch.set_num_threads(2)
 
@@ -60,7 +59,7 @@ def build(key: str):
     return sweep.thin_model(method, rank, variant)[0]
 
 
-out_path = HERE / "long_context.json"
+out_path = BENCHMARKS / "results" / "quality-dev" / "long_context.json"
 res = json.loads(out_path.read_text()) if out_path.is_file() else {}
 res.setdefault("setup", {"ctx": CTX, "bucket": BUCKET, "windows": N_WINDOWS, "dev": prov,
                          "note": "sweep models: calibration ctx 1024, fine-tuning ctx 512"})

@@ -1,10 +1,11 @@
 """Dev experiment (2026-11-23, CPU): calibrate pca on chat-wrapped windows (each novel excerpt as a
 user message with a question, SmolLM2's chat template) vs plain novel windows; passkey + PPL on
-a dev split. Result: chat_calibration.json. Command:
+a dev split. Result (printed; kept in benchmarks/results/quality-dev/chat_calibration.json). Command:
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/results/quality-dev/chat_calibration.py 32
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/dev/chat_calibration.py 32
 """
 import copy, json, sys, time, torch
+from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vllm_thinkv.hf.smollm2 import smollm2_dir
 from vllm_thinkv.hf.windows import windows_from_files
@@ -16,7 +17,7 @@ from vllm_thinkv.hf.thin_model import make_thin
 from vllm_thinkv.eval.ppl import perplexity
 from vllm_thinkv.eval.passkey import build_cases, run_hf, chat_prompt_ids
 torch.set_num_threads(2)
-A = "/work/shared/data/austen"
+A = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "austen"  # ../shared next to the checkout
 calib = [f"{A}/{b}.txt" for b in ("emma", "mansfieldpark", "sensesensibility")]
 rank = int(sys.argv[1]); ctx = 1024
 d = str(smollm2_dir()); tok = AutoTokenizer.from_pretrained(d)

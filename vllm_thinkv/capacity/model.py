@@ -20,10 +20,12 @@ from typing import Any
 
 from vllm_thinkv.config import ThinKVConfig, check_rank
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import BLOCK_SIZE_MULTIPLE, SUPPORTED_DTYPES
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 GiB = 1024**3
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The dtypes the kernels serve, by config name: a model in any other dtype is not servable.
+DTYPE_BYTES: dict[str, int] = {str(t).removeprefix("torch."): t.itemsize for t in SUPPORTED_DTYPES}
 REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
 
 
@@ -212,6 +214,14 @@ def memory_budget(shape: ModelShape, gpu_mem_gib: float, gpus: int = 1, utilizat
             f"at utilization {utilization:g}; use more --gpus or set --kv-mem"
         )
     return MemoryBudget(kv, weights, text)
+
+
+def check_block_size(block_size: int) -> None:
+    """vLLM's block size must be one the kernels tile (whole BLOCK_SIZE_MULTIPLE-token tiles)."""
+    if block_size <= 0 or block_size % BLOCK_SIZE_MULTIPLE:
+        raise ThinKVError(
+            f"--block-size must be a positive multiple of {BLOCK_SIZE_MULTIPLE} (what thinkv supports), got {block_size}"
+        )
 
 
 def num_blocks(kv_bytes: int, bytes_per_token: int, block_size: int) -> int:

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from vllm_thinkv.hf.smollm2 import smollm2_dir
-from vllm_thinkv.launch import ServerProcess
+from vllm_thinkv.serve.process import ServerProcess
 
 QUESTION = "In two sentences, what is the Moon?"
 

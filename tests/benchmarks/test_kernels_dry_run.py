@@ -2,8 +2,20 @@
 
 import json
 
+import pytest
 import torch
 
+
+@pytest.fixture
+def one_torch_thread():
+    """As in tests/kernels: with more threads the float64 reference's tiny ops spin-wait on a small shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
 def test_benchmark_dry_run_writes_results(tmp_path, capsys, load_benchmark):
     module = load_benchmark("kernels")
 

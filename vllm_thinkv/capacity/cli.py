@@ -2,7 +2,7 @@
 
 How many tokens and concurrent long-context requests fit in the KV cache, stock
 vs thin keys (r < d) vs SnapKV vs both, computed from the HF config alone (no
-weights, no vLLM): the model in `vllm_thinkv.capacity_model`. MODEL is a
+weights, no vLLM): the model in `vllm_thinkv.capacity.model`. MODEL is a
 shipped config name (`llama-3.1-8b`, `mistral-7b`, ...), an HF folder or a
 config.json path; a thin-key checkpoint's per-layer ranks are used as they are.
 """
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from vllm_thinkv.capacity_model import (
+from vllm_thinkv.capacity.model import (
     DTYPE_BYTES,
     GiB,
     ModelShape,
+    check_block_size,
     load_shape,
     max_sequences,
     memory_budget,
@@ -28,7 +28,7 @@ from vllm_thinkv.capacity_model import (
     shipped_models,
 )
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.eval.report import markdown_table, write_json
+from vllm_thinkv.results import markdown_table, today, write_json
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 CONFIGS = ("stock", "thin", "snapkv", "thin_snapkv")
@@ -74,8 +74,7 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
     if args.dtype != "auto":
         shape = dataclasses.replace(shape, dtype=args.dtype)
     snap = snapkv_config(args.snapkv_budget, args.snapkv_window)
-    if args.block_size <= 0 or args.block_size % 16:
-        raise ThinKVError(f"--block-size must be a positive multiple of 16 (what thinkv supports), got {args.block_size}")
+    check_block_size(args.block_size)
     ranks = shape.layer_ranks(args.rank)
     budget = memory_budget(shape, args.gpu_mem, gpus, args.gpu_util, args.kv_mem)
     per_token = {"stock": shape.kv_bytes_per_token(), "thin": shape.kv_bytes_per_token(ranks)}
@@ -224,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     gpus = gpus_per_model(args.gpus, args.models)
     models = [analyse(load_shape(m), args, g) for m, g in zip(args.models, gpus)]
     result = {
-        "date": datetime.date.today().isoformat(),
+        "date": today(),
         "vllm_thinkv": vllm_thinkv.__version__,
         "device": "analytic (no device)",
         "command": "thinkv " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["capacity"] else "thinkv capacity " + shlex.join(args.models),

