@@ -73,16 +73,13 @@ def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> Non
     """Raise ThinKVError unless `rank` is a QK head size this method and the kernels support."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise ThinKVError(f"{what} must be an integer, got {rank!r}")
-    if rank <= 0 or rank > head_dim:
-        raise ThinKVError(f"{what} {rank} is out of range: it must be in [1, head_dim = {head_dim}]")
-    if method == "pairs" and rank % 2:
-        raise ThinKVError(f"{what} {rank} is odd: 'pairs' keeps whole rotary pairs (2 dims each), so it must be even")
-    # The kernels' rule (`kernels.checks.check_qk_head_dim`), in the words of a rank.
-    if rank % QK_MULTIPLE or rank > MAX_HEAD_DIM:
-        raise ThinKVError(
-            f"{what} {rank} is not supported by the thinkv kernels: they support QK head sizes that are "
-            f"multiples of {QK_MULTIPLE} in [{QK_MULTIPLE}, {MAX_HEAD_DIM}]"
-        )
+    # One rule, one message: the kernels' QK head sizes (`kernels.checks.check_qk_head_dim`),
+    # up to the model's head size. (Multiples of 8 are even, as `pairs` needs: whole rotary pairs.)
+    top = min(head_dim, MAX_HEAD_DIM)
+    if rank % QK_MULTIPLE or not QK_MULTIPLE <= rank <= top:
+        limit = "the model's head_dim" if top == head_dim else f"the thinkv kernels' limit (head_dim {head_dim})"
+        raise ThinKVError(f"{what} {rank} is not supported: it must be a multiple of {QK_MULTIPLE} from "
+                          f"{QK_MULTIPLE} to {top} ({limit})")
 
 
 def _check_method(method: Any) -> None:
@@ -94,6 +91,25 @@ def _check_architecture(architecture: str) -> None:
     if architecture not in ARCHITECTURES:
         raise ThinKVError(
             f"unsupported architecture {architecture!r}; thinkv supports {', '.join(ARCHITECTURES)}"
+        )
+
+
+def check_architecture(architectures: list[str], has_section: bool) -> None:
+    """A `thinkv` section needs a thinkv architecture to read it, and a thinkv
+    architecture needs the section (one rule for the engine, `thinkv serve`'s
+    preflight and the thin model)."""
+    thin = any(a in ARCHITECTURES.values() for a in architectures)
+    if has_section and not thin:
+        name = ARCHITECTURES.get(architectures[0] if architectures else "", "ThinKVLlamaForCausalLM")
+        raise ThinKVError(
+            f"the model config has a `thinkv` section but architecture {architectures} would ignore it; for load-time "
+            f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{name}"], "thinkv": ...}}\''
+        )
+    if thin and not has_section:
+        raise ThinKVError(
+            "the model config has no `thinkv` section: thinkv architectures serve checkpoints written by "
+            "`thinkv compress`, or compress at load time with --hf-overrides "
+            '\'{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 48}}\''
         )
 
 

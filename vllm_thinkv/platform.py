@@ -28,6 +28,16 @@ def cpu_platform() -> str | None:
 
 class ThinKVCpuPlatform(CpuPlatform):
     @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        """vLLM calls this while it builds its config, in the API-server process, before
+        any engine starts: refuse a bad `thinkv` / `thinkv_snapkv` section there."""
+        super().check_and_update_config(vllm_config)
+        if vllm_config.model_config is not None:
+            from vllm_thinkv.serve.preflight import check_model_config
+
+            check_model_config(vllm_config.model_config.hf_config.to_dict())
+
+    @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

@@ -19,8 +19,8 @@ def run_cli(capsys, *argv):
     "argv, message",
     [
         (["no-such-model"], "unknown model 'no-such-model'"),
-        (["llama-3.1-8b", "--rank", "256"], "--rank 256 is out of range: it must be in [1, head_dim = 128]"),
-        (["llama-3.1-8b", "--rank", "20"], "multiples of 8"),
+        (["llama-3.1-8b", "--rank", "256"], "--rank 256 is not supported: it must be a multiple of 8 from 8 to 128 (the model's head_dim)"),
+        (["llama-3.1-8b", "--rank", "20"], "a multiple of 8 from 8 to 128"),
         (["llama-3.1-8b", "--snapkv-budget", "-1"], "--snapkv-budget must be a positive number of tokens, got -1"),
         (["llama-3.1-8b", "--snapkv-budget", "32", "--snapkv-window", "32"], "--snapkv-window must be in [1, budget)"),
         (["llama-3.1-8b", "--context", "512"], "--context 512 must exceed --output-tokens 512"),

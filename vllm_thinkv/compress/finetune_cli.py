@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vllm_thinkv.compress.cli import setup_logging
+    from vllm_thinkv.serve.hint import serve_command
 
     setup_logging()
     import torch
@@ -74,4 +75,5 @@ def run(args: argparse.Namespace) -> int:
     report = {"arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "log": ft_log, "seconds": round(time.time() - t0, 1)}
     (out / "thinkv_finetune.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}: {cfg.objective} objective {ft_log['before']:.4g} -> {ft_log['after']:.4g} in {time.time() - t0:.0f} s")
+    print(f"serve it with: {serve_command()} {out}")
     return 0

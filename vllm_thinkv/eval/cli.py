@@ -66,6 +66,17 @@ def _header(args, section) -> dict:
     }
 
 
+def _skipped(args) -> str:
+    """Say that the front of each user file is skipped, and how to keep it."""
+    if not getattr(args, "text", True) or not args.skip_chars:
+        return ""
+    return f" (skipping the first {args.skip_chars} characters of each file as front matter; --skip-chars 0 keeps them)"
+
+
+def _skip_hint(args) -> str:
+    return f", or --skip-chars 0 (the first {args.skip_chars} characters of each file are skipped)" if args.skip_chars else ""
+
+
 def _describe(section) -> str:
     if not section:
         return "original"
@@ -82,7 +93,13 @@ def run_ppl(args) -> int:
     if args.ctx < 2 or args.max_tokens < args.ctx:
         raise ThinKVError(f"--max-tokens ({args.max_tokens}) must hold at least one --ctx ({args.ctx}) window")
     model, tok, section = _load(args)
-    windows, prov = windows_from_files(tok, args.text, args.ctx, args.max_tokens // args.ctx, args.skip_chars, what="evaluation text")
+    try:
+        windows, prov = windows_from_files(tok, args.text, args.ctx, args.max_tokens // args.ctx, args.skip_chars,
+                                           what="evaluation text")
+    except ThinKVError as e:
+        raise ThinKVError(f"{e}. Pass a smaller --max-tokens (it asks for {args.max_tokens // args.ctx} windows of "
+                          f"--ctx {args.ctx}) or --ctx{_skip_hint(args)}") from None
+    print(f"evaluating {windows.shape[0]} windows x {args.ctx} tokens of {', '.join(prov['texts'])}{_skipped(args)}")
     t = time.time()
     res = perplexity(model, windows, progress=not args.no_progress)
     out = {**_header(args, section), "text": prov, **res.to_dict(), "seconds": round(time.time() - t, 1)}
@@ -98,6 +115,7 @@ def run_passkey(args) -> int:
     from vllm_thinkv.hf.text import read_texts
 
     model, tok, section = _load(args)
+    print(f"haystack: {', '.join(args.haystack)}{_skipped(args)}")
     cases = build_cases(tok, read_texts(args.haystack, args.skip_chars), args.ctx, args.trials, args.seed, args.depths)
     t = time.time()
     results = run_hf(model, tok, cases, args.max_new_tokens, progress=not args.no_progress)

@@ -25,7 +25,13 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from vllm_thinkv.backend.deployment import thin_model_backend
-from vllm_thinkv.config import CompressRequest, ThinKVConfig, expected_shapes, parse_thinkv_section
+from vllm_thinkv.config import (
+    CompressRequest,
+    ThinKVConfig,
+    check_architecture,
+    expected_shapes,
+    parse_thinkv_section,
+)
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.models.attention import ThinKVAttention
 
@@ -37,12 +43,7 @@ def thin_section(vllm_config) -> ThinKVConfig | CompressRequest:
     """The checkpoint's thin section, or the compression request it carries (validated)."""
     hf_config = vllm_config.model_config.hf_config
     section = getattr(hf_config, "thinkv", None)
-    if section is None:
-        raise ThinKVError(
-            "the model config has no `thinkv` section: thinkv architectures serve checkpoints written by "
-            "`thinkv compress`, or compress at load time with --hf-overrides "
-            '\'{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 48}}\''
-        )
+    check_architecture(list(getattr(hf_config, "architectures", None) or []), section is not None)
     return parse_thinkv_section(section)
 
 

