@@ -273,18 +273,22 @@ def rope_type(hf_config: Any) -> str:
     return params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
 
 
+def check_model_sizes(cfg: ThinKVConfig, num_layers: int, head_dim: int) -> None:
+    """The section's per-layer ranks and head_dim against the model config's."""
+    if cfg.num_layers != num_layers:
+        raise ThinKVError(f"the thinkv section lists {cfg.num_layers} layer ranks but the model has {num_layers} layers")
+    if cfg.head_dim != head_dim:
+        raise ThinKVError(f"the thinkv section says head_dim {cfg.head_dim} but the model config has {head_dim}")
+
+
 def expected_shapes(cfg: ThinKVConfig, hf_config: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of the q/k-side tensors a thin checkpoint must hold, by HF name.
 
     Shared by `hf.load` and the vLLM loader so that both reject a checkpoint
     whose `thinkv` section disagrees with its weights in the same words.
     """
-    num_layers = hf_config.num_hidden_layers
-    if cfg.num_layers != num_layers:
-        raise ThinKVError(f"the thinkv section lists {cfg.num_layers} layer ranks but the model has {num_layers} layers")
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    if cfg.head_dim != head_dim:
-        raise ThinKVError(f"the thinkv section says head_dim {cfg.head_dim} but the model config has {head_dim}")
+    check_model_sizes(cfg, hf_config.num_hidden_layers, head_dim)
     h, hkv, hidden = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.hidden_size
     bias = bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2"
     shapes: dict[str, tuple[int, ...]] = {}

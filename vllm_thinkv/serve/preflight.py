@@ -18,7 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from vllm_thinkv.config import CompressRequest, ThinKVConfig, check_architecture, parse_thinkv_section
+from vllm_thinkv.config import (
+    CompressRequest,
+    ThinKVConfig,
+    check_architecture,
+    check_model_sizes,
+    parse_thinkv_section,
+)
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import HF_CONFIG_KEY, SnapKVConfig
 
@@ -31,17 +37,12 @@ def check_model_config(config: Mapping[str, Any]) -> None:
     check_architecture(list(config.get("architectures") or []), section is not None)
     if section is not None:
         parsed = parse_thinkv_section(section)
+        # (No head size at the top level: not a Llama-family config, which the engine refuses.)
         head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
-        if not head_dim:
-            return  # not a Llama-family config: the engine refuses it with the architecture
-        if isinstance(parsed, CompressRequest):
+        if head_dim and isinstance(parsed, CompressRequest):
             parsed.check_head_dim(head_dim)
-        elif isinstance(parsed, ThinKVConfig):
-            if parsed.head_dim != head_dim:
-                raise ThinKVError(f"the thinkv section says head_dim {parsed.head_dim} but the model config has {head_dim}")
-            if parsed.num_layers != config.get("num_hidden_layers", parsed.num_layers):
-                raise ThinKVError(f"the thinkv section lists {parsed.num_layers} layer ranks but the model has "
-                                  f"{config['num_hidden_layers']} layers")
+        elif head_dim and isinstance(parsed, ThinKVConfig):
+            check_model_sizes(parsed, config.get("num_hidden_layers", parsed.num_layers), head_dim)
     if config.get(HF_CONFIG_KEY) is not None:
         SnapKVConfig.from_dict(config[HF_CONFIG_KEY])
 
