@@ -7,6 +7,10 @@ reporting microseconds, GB/s of KV actually read, fraction of the roof, the spee
 r < d over r = d with the same kernel, and the speedup over
 `torch.nn.functional.scaled_dot_product_attention` (flash backend) on equivalent dense
 KV at r = d (flash needs equal q/k and v dims; it is the practical baseline).
+Shared-key decode (key_share = S: one key latent per token shared by S KV heads, r dims
+per slot, so each query head dots an S·r-dim key over the cache bytes of r-dim keys)
+is timed at a few batch × context points next to per-head r and r = d, to measure
+the extra QK cost of sharing.
 On a CPU it times the torch path (`paged_attention_torch`, the CPU serving path) per
 layer call at SmolLM2-135M shapes (9 query / 3 KV heads, d = 64, block size 16).
 
@@ -67,6 +71,8 @@ class Sizes:
     block_size: int
     copy_bytes: int
     dtype: torch.dtype
+    shared: tuple[tuple[int, int], ...] = ()  # shared-key decode cases: (r per slot, key_share)
+    shared_points: tuple[tuple[int, int], ...] = ()  # (batch, context) where they are timed
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,10 @@ class CpuSizes:
 
 
 GPU_FULL = Sizes(32, 8, 128, (16, 32, 64, 128), (1, 4, 16, 64, 256), (1024, 4096, 16384, 32768), 1 << 21,
-                 ((1, 4096, 0), (1, 16384, 0), (4, 2048, 2048)), 16, 1 << 30, torch.bfloat16)
-GPU_DRY = Sizes(4, 2, 64, (16, 64), (1, 2), (32, 80), 1 << 10, ((1, 40, 0), (2, 16, 24)), 16, 1 << 16, torch.bfloat16)
+                 ((1, 4096, 0), (1, 16384, 0), (4, 2048, 2048)), 16, 1 << 30, torch.bfloat16,
+                 shared=((32, 8), (32, 4), (32, 2)), shared_points=((64, 4096), (256, 4096), (4, 32768)))
+GPU_DRY = Sizes(4, 2, 64, (16, 64), (1, 2), (32, 80), 1 << 10, ((1, 40, 0), (2, 16, 24)), 16, 1 << 16, torch.bfloat16,
+                shared=((16, 2),), shared_points=((2, 80),))
 CPU_FULL = CpuSizes()
 CPU_DRY = CpuSizes(ranks=(64,), cases=(("prefill", 1, 64, 64), ("decode", 4, 1, 100)), dtypes=(torch.bfloat16,))
 
@@ -117,9 +125,10 @@ def time_us(fn, device: torch.device, repeats: int) -> float:
 
 
 def uniform_batch(num_seqs: int, new: int, total: int, r: int, d: int, num_heads: int, num_kv_heads: int,
-                  block_size: int, dtype: torch.dtype, device: torch.device) -> PagedBatch:
+                  block_size: int, dtype: torch.dtype, device: torch.device, key_share: int = 1) -> PagedBatch:
     """num_seqs sequences of `total` positions whose last `new` are queried, over shuffled physical
-    blocks; drawn on the device (the tests' random_paged_batch draws on the CPU: too slow at this size)."""
+    blocks; drawn on the device (the tests' random_paged_batch draws on the CPU: too slow at this size).
+    key_share: shared keys, q gets key_share * r dims per head (pass batch.key_share to the op)."""
     blocks_per_seq = -(-total // block_size)
     num_blocks = num_seqs * blocks_per_seq + 1
     packed, key_cache, value_cache = packed_kv_cache(num_blocks, block_size, num_kv_heads, r, d, dtype, device,
@@ -127,11 +136,11 @@ def uniform_batch(num_seqs: int, new: int, total: int, r: int, d: int, num_heads
     packed.normal_()
     table = torch.randperm(num_blocks - 1, device=device)[: num_seqs * blocks_per_seq] + 1
     return PagedBatch(
-        q=torch.randn(num_seqs * new, num_heads, r, device=device, dtype=dtype),
+        q=torch.randn(num_seqs * new, num_heads, key_share * r, device=device, dtype=dtype),
         key_cache=key_cache, value_cache=value_cache, block_table=table.view(num_seqs, -1).to(torch.int32),
         cu_seqlens_q=torch.arange(0, num_seqs * new + 1, new, dtype=torch.int32, device=device),
         seq_lens=torch.full((num_seqs,), total, dtype=torch.int32, device=device),
-        scale=d**-0.5, gaps=None, packed=packed,
+        scale=d**-0.5, gaps=None, key_share=key_share, packed=packed,
     )
 
 
@@ -144,19 +153,21 @@ def copy_roof(sizes: Sizes, device: torch.device, repeats: int) -> dict:
 
 
 def correctness(device: torch.device) -> list[dict]:
-    """Cases from the test suite (mixed batch, split decode, gaps, r > d) in bf16 against the float64 reference."""
-    cases = [  # name, q_lens, seq_lens, r, d, group, gaps, num_splits
-        ("mixed r32 d128 g4", [1, 7, 1, 19], [37, 50, 90, 19], 32, 128, 4, None, None),
-        ("decode split r16 d128 g4", [1, 1, 1], [300, 45, 1], 16, 128, 4, None, 4),
-        ("gaps r24 d64 g3", [1, 3, 12], [100, 90, 80], 24, 64, 3, [(16, 64), (5, 41), (0, 40)], None),
-        ("r>d r256 d128 g8", [1, 20], [70, 20], 256, 128, 8, None, None),
+    """Cases from the test suite (mixed batch, split decode, gaps, r > d, shared keys) in bf16 against the
+    float64 reference."""
+    cases = [  # name, q_lens, seq_lens, r, d, group, gaps, num_splits, key_share (2 KV heads)
+        ("mixed r32 d128 g4", [1, 7, 1, 19], [37, 50, 90, 19], 32, 128, 4, None, None, 1),
+        ("decode split r16 d128 g4", [1, 1, 1], [300, 45, 1], 16, 128, 4, None, 4, 1),
+        ("gaps r24 d64 g3", [1, 3, 12], [100, 90, 80], 24, 64, 3, [(16, 64), (5, 41), (0, 40)], None, 1),
+        ("r>d r256 d128 g8", [1, 20], [70, 20], 256, 128, 8, None, None, 1),
+        ("shared S2 r32 d128 g4 split", [1, 7, 1, 19], [37, 50, 300, 19], 32, 128, 4, None, 2, 2),
     ]
     rows = []
-    for name, q_lens, seq_lens, r, d, group, gaps, splits in cases:
+    for name, q_lens, seq_lens, r, d, group, gaps, splits, share in cases:
         batch = random_paged_batch(q_lens, seq_lens, num_heads=2 * group, num_kv_heads=2, r=r, d=d, block_size=16,
-                                   dtype=torch.bfloat16, device=device, layout="HND", gaps=gaps)
-        ref = reference.paged_attention(*batch.args(), gaps=batch.gaps)
-        out = paged_attention(*batch.args(), gaps=batch.gaps, num_splits=splits)
+                                   dtype=torch.bfloat16, device=device, layout="HND", gaps=gaps, key_share=share)
+        ref = reference.paged_attention(*batch.args(), gaps=batch.gaps, key_share=share)
+        out = paged_attention(*batch.args(), gaps=batch.gaps, key_share=share, num_splits=splits)
         err = float((out.double().cpu() - ref).norm() / ref.norm())
         rows.append({"case": name, "dtype": "bf16", "rel_error": err, "tolerance": BF16_TOLERANCE,
                      "ok": bool(err <= BF16_TOLERANCE and not out.isnan().any())})
@@ -225,6 +236,42 @@ def split_sweep(sizes: Sizes, device: torch.device, repeats: int, log) -> list[d
                      device, repeats)
         rows.append({"batch": batch, "context": context, "r": r, "num_splits": splits or "heuristic", "us": us})
         log(f"  splits {str(splits or 'heuristic'):>9}: {us:10.1f} us")
+    return rows
+
+
+def shared_key_sweep(sizes: Sizes, roof_gbs: float, device: torch.device, repeats: int, log) -> list[dict]:
+    """Decode with shared keys (key_share S: S KV heads share one key latent, r dims per slot) next to
+    per-head keys of the same r and r = d at the same batch and context. A shared case reads the cache
+    bytes of the per-head r case but dots S·r-dim keys (S times the QK FLOPs and q bytes per query head)."""
+    elem = torch.finfo(sizes.dtype).bits // 8
+    rows = []
+    for batch, context in sizes.shared_points:
+        if batch * context > sizes.max_tokens:
+            continue
+        cases = sorted({(r, 1) for r, _ in sizes.shared} | {(sizes.d, 1)}) + list(sizes.shared)
+        at: dict[tuple[int, int], dict] = {}
+        for r, share in cases:
+            pb = uniform_batch(batch, 1, context, r, sizes.d, sizes.num_heads, sizes.num_kv_heads, sizes.block_size,
+                               sizes.dtype, device, key_share=share)
+            out = torch.empty(batch, sizes.num_heads, sizes.d, device=device, dtype=sizes.dtype)
+            us = time_us(lambda: paged_attention(*pb.args(), out=out, key_share=share, max_seqlen_q=1,
+                                                 max_seqlen_k=context), device, repeats)
+            kv_bytes = batch * context * sizes.num_kv_heads * (r + sizes.d) * elem
+            row = at[(r, share)] = {
+                "batch": batch, "context": context, "r": r, "key_share": share, "qk": share * r, "d": sizes.d,
+                "us": us, "kv_bytes": kv_bytes, "gb_per_s": kv_bytes / us / 1e3,
+                "roof_fraction": kv_bytes / us / 1e3 / roof_gbs,
+                "qk_tflop_per_s": 2 * batch * sizes.num_heads * context * share * r / us / 1e6,
+            }
+            rows.append(row)
+            log(f"  shared-key decode b{batch:<4} ctx{context:<6} r{r:<4} S{share:<2} (qk {share * r:<4}) "
+                f"{us:10.1f} us {row['gb_per_s']:8.1f} GB/s {row['roof_fraction']:6.1%} of roof")
+            del pb, out
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for (r, share), row in at.items():
+            row["time_vs_per_head_r"] = row["us"] / at[(r, 1)]["us"]  # the cost of sharing: 1.0 = free
+            row["speedup_vs_r_eq_d"] = at[(sizes.d, 1)]["us"] / row["us"]
     return rows
 
 
@@ -326,6 +373,14 @@ def markdown(result: dict) -> str:
         lines += _section("Decode split-KV sweep", ["batch", "context", "r", "splits", "µs"],
                           [[row["batch"], row["context"], row["r"], row["num_splits"], f"{row['us']:.1f}"]
                            for row in result["split_sweep"]])
+    if result.get("shared_keys"):
+        lines += _section(
+            "Shared-key decode (S KV heads share one key latent of S·r dims)",
+            ["batch", "context", "r", "S", "qk", "µs", "GB/s", "% roof", "time vs per-head r", "vs r=d"],
+            [[row["batch"], row["context"], row["r"], row["key_share"], row["qk"], f"{row['us']:.1f}",
+              f"{row['gb_per_s']:.0f}", f"{row['roof_fraction']:.0%}", f"{row['time_vs_per_head_r']:.2f}×",
+              f"{row['speedup_vs_r_eq_d']:.2f}×"] for row in result["shared_keys"]],
+            "Same cache bytes as per-head keys of r dims; S times the QK FLOPs per query head.")
     if result.get("prefill"):
         lines += _section(
             "Prefill", ["seqs", "new", "cached", "r", "µs", "TFLOP/s", "vs r=d", "SDPA flash r=d µs", "vs SDPA"],
@@ -399,7 +454,7 @@ def log(msg: str) -> None:
 
 
 def run(device: torch.device, dry_run: bool) -> tuple[dict, bool]:
-    """Every section this device runs (GPU: correctness, roof, decode, splits, prefill; CPU: the
+    """Every section this device runs (GPU: correctness, roof, decode, splits, shared keys, prefill; CPU: the
     torch path, and the GPU sections in the interpreter on a dry run); (result, correctness ok)."""
     env = environment(device)
     log(f"thinkv kernels benchmark on {env['device']} (torch {env['torch']}, triton {env['triton']})")
@@ -419,6 +474,8 @@ def run(device: torch.device, dry_run: bool) -> tuple[dict, bool]:
         result["decode"] = decode_sweep(sizes, result["roof"]["gb_per_s"], device, repeats, log)
         log("decode split sweep:")
         result["split_sweep"] = split_sweep(sizes, device, repeats, log)
+        log("shared-key decode:")
+        result["shared_keys"] = shared_key_sweep(sizes, result["roof"]["gb_per_s"], device, repeats, log)
         log("prefill:")
         result["prefill"] = prefill_sweep(sizes, device, repeats, log)
         result["targets"] = evaluate_targets(result["decode"], sizes.d)

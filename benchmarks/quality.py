@@ -17,6 +17,10 @@ run in pieces (`--only KEY ...`) between other jobs that share the CPU.
 Variants: "" = offline calibration on --calib; "budget" = per-layer ranks from
 --rank-budget with the same mean; "load" = calibration on the packaged text
 (what load-time compression in vLLM does); "ft" = offline + QK fine-tune.
+A key may end in "@N": calibrated on windows of N tokens instead of --ctx
+(e.g. joint:32@4096, joint:32:ft@4096). Long context: `--quarters KEY...`
+measures PPL per 512-position quarter of --quarters-ctx-token windows, and
+`--passkey-ctx 2048 4096` runs passkey retrieval at each length.
 r = head_dim is exact for every method (tests prove max |logit diff| < 1e-4);
 here it is checked on one window and reported as the original PPL.
 """
@@ -27,6 +31,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -52,7 +57,7 @@ AUSTEN = REPO.parent / "shared" / "data" / "austen"  # the shared data next to a
 CALIB = [str(AUSTEN / f"{book}.txt") for book in ("emma", "mansfieldpark", "sensesensibility")]
 EVAL = [str(AUSTEN / f"{book}.txt") for book in ("prideprejudice", "persuasion", "northangerabbey")]
 log = logging.getLogger("quality")
-METHODS = ("pairs", "pca", "svd")
+METHODS = ("pairs", "pca", "svd", "joint")
 VARIANTS = {"": "training-free", "load": "load-time (packaged text)", "budget": "per-layer ranks", "ft": "+ QK fine-tune"}
 LABEL = "SmolLM2-135M-Instruct Q4_1 (dequantized)"
 
@@ -86,36 +91,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--svd-horizon", type=int, default=None, help="svd parameter (default: the method's)")
     p.add_argument("--passkey", nargs="*", default=["original", "pca:48", "pca:32:ft", "pca:16:ft"],
                    help="'original' or METHOD:R[:VARIANT]")
-    p.add_argument("--passkey-ctx", type=int, default=2048)
+    p.add_argument("--passkey-ctx", type=int, nargs="+", default=[2048], help="passkey prompt lengths (tokens)")
+    p.add_argument("--quarters", nargs="*", default=[], help="'original' or KEY: PPL per --quarter-len positions")
+    p.add_argument("--quarters-ctx", type=int, default=4096, help="window length of the --quarters evaluation")
+    p.add_argument("--quarters-windows", type=int, default=8)
+    p.add_argument("--quarter-len", type=int, default=512)
     p.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--passkey-trials", type=int, default=10, help="trials per depth")
     p.add_argument("--only", nargs="*", default=None,
-                   help="run exactly these keys, METHOD:R[:VARIANT] or passkey:SPEC (e.g. pca:32:ft passkey:pca:48), "
+                   help="run exactly these keys, METHOD:R[:VARIANT][@CTX], passkey:SPEC or quarters:SPEC "
+                   "(e.g. pca:32:ft passkey:pca:48 quarters:joint:32@4096), "
                    "instead of the sweep given by --ranks/--methods/--*-ranks/--passkey; with no key, only the "
                    "original PPL and calibration")
     args = p.parse_args(argv)
     try:  # validate every key before hours of work
         for k in args.only or []:
-            parse_key(k.removeprefix("passkey:"), allow_original=k.startswith("passkey:"))
-        for k in args.passkey:
+            stage = k.split(":")[0] if k.startswith(("passkey:", "quarters:")) else ""
+            parse_key(k.removeprefix(f"{stage}:") if stage else k, allow_original=bool(stage))
+        for k in args.passkey + args.quarters:
             parse_key(k, allow_original=True)
     except ValueError as e:
         p.error(str(e))
     return args
 
 
-def parse_key(key: str, allow_original: bool = False) -> tuple[str, int, str] | None:
-    """'pca:32:ft' -> ('pca', 32, 'ft'); 'original' -> None (where allowed). Rejects anything else."""
+def parse_key(key: str, allow_original: bool = False) -> tuple[str, int, str, int | None] | None:
+    """'pca:32:ft' -> ('pca', 32, 'ft', None); 'joint:32@4096' -> ('joint', 32, '', 4096);
+    'original' -> None (where allowed). Rejects anything else."""
     if allow_original and key == "original":
         return None
-    parts = key.split(":")
+    body, _, ctx = key.partition("@")
+    parts = body.split(":")
     ok = (len(parts) in (2, 3) and parts[0] in METHODS and parts[1].isdigit() and int(parts[1]) > 0
-          and (len(parts) == 2 or (parts[2] in VARIANTS and parts[2])))
+          and (len(parts) == 2 or (parts[2] in VARIANTS and parts[2])) and (not ctx or (ctx.isdigit() and int(ctx) > 1)))
     if not ok:
         variants = "|".join(v for v in VARIANTS if v)
-        raise ValueError(f"bad key {key!r}: expected METHOD:R[:VARIANT] with METHOD in {'|'.join(METHODS)} "
+        raise ValueError(f"bad key {key!r}: expected METHOD:R[:VARIANT][@CALIB_CTX] with METHOD in {'|'.join(METHODS)} "
                          f"and VARIANT in {variants}" + (" (or 'original')" if allow_original else ""))
-    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else ""
+    return parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "", int(ctx) if ctx else None
+
+
+def key_of(method: str, rank: int, variant: str, calib_ctx: int | None) -> str:
+    return f"{method}:{rank}" + (f":{variant}" if variant else "") + (f"@{calib_ctx}" if calib_ctx else "")
 
 
 def digest(*parts) -> str:
@@ -136,6 +153,7 @@ class Sweep:
         self.data = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
         self.data.setdefault("results", {})
         self.data.setdefault("passkey", {})
+        self.data.setdefault("quarters", {})
         self.data.setdefault("commands", [])
         if self.command not in self.data["commands"]:
             self.data["commands"].append(self.command)
@@ -162,20 +180,31 @@ class Sweep:
     def stamp(self, entry: dict, t0: float) -> dict:
         return {**entry, "seconds": round(time.time() - t0, 1), "date": self.data["date"], "command": self.command}
 
-    def stats(self, which: str) -> list:
-        if which not in self._stats:
-            windows = self.calib_windows if which == "calib" else self.load_windows
-            key = digest(str(self.model_dir), self.data["text"][which], windows.sum().item())
-            cache = Path(self.args.cache_dir) / f"stats-{which}-{key}.pt"
-            if cache.is_file():
-                self._stats[which] = torch.load(cache, weights_only=False)
+    def stats(self, which: str, calib_ctx: int | None = None) -> list:
+        """Calibration statistics of --calib ("calib") or the packaged text ("load"), on windows
+        of --ctx tokens or of `calib_ctx` (the same number of tokens)."""
+        name = which if calib_ctx is None else f"{which}@{calib_ctx}"
+        if name not in self._stats:
+            if calib_ctx is None:
+                windows = self.calib_windows if which == "calib" else self.load_windows
+                prov = self.data["text"][which]
             else:
+                files = self.args.calib if which == "calib" else []
+                windows, prov = windows_from_files(self.tok, files, calib_ctx, self.args.calib_tokens // calib_ctx,
+                                                   what="calibration text")
+                self.data["text"][name] = prov
+            key = digest(str(self.model_dir), prov, windows.sum().item())
+            cache = Path(self.args.cache_dir) / f"stats-{which}-{key}.pt"
+            cached = torch.load(cache, weights_only=False) if cache.is_file() else None
+            if cached is not None and all(getattr(s, "ck_joint", None) is not None for s in cached):
+                self._stats[name] = cached
+            else:  # not cached, or cached before the stacked-key statistics existed
                 t = time.time()
-                self._stats[which] = collect_statistics(self.model, windows)
-                self.data.setdefault("calibration_seconds", {})[which] = round(time.time() - t, 1)
+                self._stats[name] = collect_statistics(self.model, windows)
+                self.data.setdefault("calibration_seconds", {})[name] = round(time.time() - t, 1)
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(self._stats[which], cache)
-        return self._stats[which]
+                torch.save(self._stats[name], cache)
+        return self._stats[name]
 
     def original(self) -> PplResult:
         if "original" not in self.data:
@@ -190,17 +219,19 @@ class Sweep:
         o = self.data["original"]
         return PplResult(nll=o["window_nll"], tokens=[self.args.ctx - 1] * len(o["window_nll"]))
 
-    def thin_model(self, method: str, rank: int, variant: str):
+    def thin_model(self, method: str, rank: int, variant: str, calib_ctx: int | None = None):
         """The thin model of one configuration; fine-tuned q/k tensors are cached."""
         a = self.args
         req = CompressRequest(method, rank_budget=rank) if variant == "budget" else CompressRequest(method, rank=rank)
-        stats = self.stats("load" if variant == "load" else "calib")
+        stats = self.stats("load" if variant == "load" else "calib", calib_ctx)
         cfg, tensors = compress_model(self.model, req, stats=stats, progress=False, method=self.svd if method == "svd" else None)
         thin = make_thin(copy.deepcopy(self.model), cfg, tensors)
         if variant != "ft":
             return thin, cfg, None
         ft_cfg = FinetuneConfig(objective=a.ft_objective, steps=a.ft_steps, lr=a.ft_lr, bases_only=a.ft_bases_only)
-        key = digest(method, rank, self.svd.params(), ft_cfg.to_dict(), self.data["text"]["finetune"], self.data["text"]["calib"])
+        calib_name = "calib" if calib_ctx is None else f"calib@{calib_ctx}"
+        key = digest(method, rank, self.svd.params(), ft_cfg.to_dict(), self.data["text"]["finetune"],
+                     self.data["text"][calib_name])
         cache = Path(a.cache_dir) / f"ft-{method}-{rank}-{key}.pt"
         names = [n for n, _ in thin.named_parameters() if any(s in n for s in ("q_proj", "k_proj", "q_basis", "k_basis"))]
         if cache.is_file():
@@ -216,17 +247,18 @@ class Sweep:
         return thin, cfg, ft_log
 
     # ---------------------------------------------------------------- stages
-    def run_ppl(self, method: str, rank: int, variant: str) -> None:
-        key = f"{method}:{rank}" + (f":{variant}" if variant else "")
+    def run_ppl(self, method: str, rank: int, variant: str, calib_ctx: int | None = None) -> None:
+        key = key_of(method, rank, variant, calib_ctx)
         if key in self.data["results"]:
             return
         orig = self.original()
         t = time.time()
-        thin, cfg, ft_log = self.thin_model(method, rank, variant)
-        entry = {"method": method, "rank": rank, "variant": variant, "ranks": list(cfg.ranks), "form": cfg.form}
+        thin, cfg, ft_log = self.thin_model(method, rank, variant, calib_ctx)
+        entry = {"method": method, "rank": rank, "variant": variant, "ranks": list(cfg.ranks), "form": cfg.form,
+                 "calib_ctx": calib_ctx or self.args.ctx, "share_group": cfg.share_group}
         if method == "svd":
             entry["svd_params"] = self.svd.params()
-        if rank == self.model.config.head_dim and variant in ("", "load"):
+        if rank == self.model.config.head_dim and variant in ("", "load") and calib_ctx is None:
             ids = self.eval_windows[:1]
             with torch.no_grad():
                 diff = float((thin(ids).logits - self.model(ids).logits).abs().max())
@@ -241,43 +273,69 @@ class Sweep:
         log.info("%s: PPL %.3f (x%.3f)", key, entry["ppl"], entry["ratio"])
         self.save()
 
-    def run_passkey(self, spec: str) -> None:
-        if spec in self.data["passkey"]:
+    def model_for(self, spec: str):
+        """'original' or a key -> the model."""
+        parsed = parse_key(spec, allow_original=True)
+        return self.model if parsed is None else self.thin_model(*parsed)[0]
+
+    def run_passkey(self, spec: str, ctx: int) -> None:
+        name = spec if ctx == 2048 else f"{spec} ctx={ctx}"  # 2048: the key earlier runs used
+        if name in self.data["passkey"]:
             return
         a = self.args
         haystack = read_texts(a.eval, skip_chars=a.eval_skip_chars)
-        cases = build_cases(self.tok, haystack, a.passkey_ctx, a.passkey_trials, seed=0, at=a.passkey_depths)
+        cases = build_cases(self.tok, haystack, ctx, a.passkey_trials, seed=0, at=a.passkey_depths)
         t = time.time()
-        if spec == "original":
-            model = self.model
-        else:
-            parts = spec.split(":")
-            model, _, _ = self.thin_model(parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "")
-        trials = run_hf(model, self.tok, cases)
+        trials = run_hf(self.model_for(spec), self.tok, cases)
         by_depth = {str(d): sum(x["correct"] for x in trials if x["depth"] == d) / a.passkey_trials for d in a.passkey_depths}
-        entry = {"accuracy": sum(x["correct"] for x in trials) / len(trials), "by_depth": by_depth, "ctx": a.passkey_ctx,
-                 "trials_per_depth": a.passkey_trials, "trials": trials}
-        self.data["passkey"][spec] = self.stamp(entry, t)
-        log.info("passkey %s: %.0f%%", spec, 100 * entry["accuracy"])
+        entry = {"model": spec, "accuracy": sum(x["correct"] for x in trials) / len(trials), "by_depth": by_depth,
+                 "ctx": ctx, "trials_per_depth": a.passkey_trials, "trials": trials}
+        self.data["passkey"][name] = self.stamp(entry, t)
+        log.info("passkey %s at %d tokens: %.0f%%", spec, ctx, 100 * entry["accuracy"])
+        self.save()
+
+    def run_quarters(self, spec: str) -> None:
+        """Mean PPL per --quarter-len positions over --quarters-windows eval windows of --quarters-ctx tokens:
+        does quality hold beyond the calibration window?"""
+        a = self.args
+        name = f"{spec} ctx={a.quarters_ctx}"
+        if name in self.data["quarters"]:
+            return
+        windows, prov = windows_from_files(self.tok, a.eval, a.quarters_ctx, a.quarters_windows, a.eval_skip_chars,
+                                           what="evaluation text")
+        t = time.time()
+        model = self.model_for(spec)
+        total = torch.zeros(a.quarters_ctx - 1, dtype=torch.float64)
+        with torch.no_grad():
+            for w in windows:
+                logits = model(w[None]).logits[0, :-1].double()
+                total += torch.nn.functional.cross_entropy(logits, w[1:], reduction="none")
+        nll = total / len(windows)
+        ppl = [math.exp(float(nll[i : i + a.quarter_len].mean())) for i in range(0, a.quarters_ctx - 1, a.quarter_len)]
+        self.data["quarters"][name] = self.stamp({"model": spec, "ctx": a.quarters_ctx, "quarter_len": a.quarter_len,
+                                                  "text": prov, "ppl": ppl}, t)
+        log.info("quarters %s: %s", name, " ".join(f"{x:.2f}" for x in ppl))
         self.save()
 
 
 def configurations(args) -> list[tuple[str, int, str]]:
     """The PPL configurations to run: the --only keys if given, else the sweep."""
     if args.only is not None:
-        return [parse_key(k) for k in args.only if not k.startswith("passkey:")]
-    out = [(m, r, "") for r in sorted(args.ranks, reverse=True) for m in args.methods]
+        return [parse_key(k) for k in args.only if not k.startswith(("passkey:", "quarters:"))]
+    out = [(m, r, "", None) for r in sorted(args.ranks, reverse=True) for m in args.methods]
     for variant, ranks, methods in (("load", args.load_ranks, args.methods), ("budget", args.budget_ranks, args.methods),
                                     ("ft", args.ft_ranks, args.ft_methods)):
-        out += [(m, r, variant) for r in sorted(ranks, reverse=True) for m in methods]
+        out += [(m, r, variant, None) for r in sorted(ranks, reverse=True) for m in methods]
     return out
 
 
 # -------------------------------------------------------------------- report
-def _cell(res: dict, method: str, rank: int, variant: str) -> str:
-    c = res.get(f"{method}:{rank}" + (f":{variant}" if variant else ""))
+def _cell(res: dict, method: str, rank: int, variant: str, calib_ctx: int | None = None) -> str:
+    c = res.get(key_of(method, rank, variant, calib_ctx))
     if c:
         return f"{c['ppl']:.2f} ({100 * (c['ratio'] - 1):+.1f}%)"
+    if calib_ctx:
+        return ""
     if variant == "budget" and rank in (8, 64):
         return "= uniform"  # a mean of 8 (the minimum) or 64 (the maximum) leaves nothing to allocate
     if variant in ("ft", "budget", "load") and rank == 64:
@@ -288,9 +346,13 @@ def _cell(res: dict, method: str, rank: int, variant: str) -> str:
 def render_markdown(data: dict) -> str:
     res, orig = data["results"], data.get("original", {}).get("ppl")
     ranks = sorted({v["rank"] for v in res.values()})
-    rows = [[f"{m} {name}"] + [_cell(res, m, r, variant) for r in ranks]
-            for m in METHODS for variant, name in VARIANTS.items()
-            if any(v["method"] == m and v["variant"] == variant for v in res.values())]
+    def ctx_of(key: str) -> int | None:
+        return int(key.partition("@")[2]) if "@" in key else None
+
+    ctxs = sorted({ctx_of(k) for k in res if ctx_of(k)})
+    rows = [[f"{m} {name}" + (f", calibrated at {ctx}" if ctx else "")] + [_cell(res, m, r, variant, ctx) for r in ranks]
+            for m in METHODS for variant, name in VARIANTS.items() for ctx in [None, *ctxs]
+            if any(v["method"] == m and v["variant"] == variant and ctx_of(k) == ctx for k, v in res.items())]
     t = data["text"]
     exact_checks = ", ".join(f"{k} {v['exact_check_max_logit_diff']:.1e}" for k, v in res.items()
                              if "exact_check_max_logit_diff" in v)
@@ -322,13 +384,24 @@ def render_markdown(data: dict) -> str:
                   f"{', '.join(w['texts'])}.", "",
                   markdown_table(["model", "objective before", "after", "fine-tune s"],
                                  [[k, f"{v['before']:.4f}", f"{v['after']:.4f}", v["seconds"]] for k, v in ft.items()])]
-    if data["passkey"]:
-        pk = data["passkey"]
+    for ctx in sorted({v["ctx"] for v in data["passkey"].values()}):
+        pk = {v.get("model", k): v for k, v in data["passkey"].items() if v["ctx"] == ctx}
         first = next(iter(pk.values()))
         depths = list(first["by_depth"])
-        lines += ["", f"## Passkey retrieval (~{first['ctx']} tokens, {first['trials_per_depth']} trials per depth, greedy)", ""]
-        lines.append(markdown_table(["model"] + [f"depth {d}" for d in depths] + ["all"],
-                                    [[k] + [f"{v['by_depth'][d]:.0%}" for d in depths] + [f"{v['accuracy']:.0%}"] for k, v in pk.items()]))
+        lines += ["", f"## Passkey retrieval (~{ctx} tokens, greedy)", ""]
+        lines.append(markdown_table(["model"] + [f"depth {d}" for d in depths] + ["all", "trials per depth"],
+                                    [[k] + [f"{v['by_depth'][d]:.0%}" for d in depths] + [f"{v['accuracy']:.0%}",
+                                     v["trials_per_depth"]] for k, v in pk.items()]))
+    if data.get("quarters"):
+        qs = data["quarters"]
+        first = next(iter(qs.values()))
+        n, ql = len(first["ppl"]), first["quarter_len"]
+        lines += ["", f"## Long context: PPL per {ql}-position range ({first['text']['windows']} windows x {first['ctx']} "
+                      f"tokens of {', '.join(first['text']['texts'])})", "",
+                  "`@N`: calibrated on N-token windows (default: the sweep's ctx). Does the thin model hold beyond "
+                  "its calibration window?", ""]
+        lines.append(markdown_table(["model"] + [f"{i * ql}-{min((i + 1) * ql, first['ctx'])}" for i in range(n)],
+                                    [[v["model"]] + [f"{x:.2f}" for x in v["ppl"]] for v in qs.values()]))
     lines += ["", "## Commands", "", "Each run wrapped as `flock /tmp/thinkv-heavy.lock nice env OMP_NUM_THREADS=2 .venv/bin/...`"
               " on a shared machine (wall times in the JSON include contention).", "", "```", *data["commands"], "```", ""]
     return "\n".join(lines)
@@ -342,11 +415,12 @@ def plot(data: dict, path: Path) -> None:
 
     res, orig = data["results"], data.get("original", {}).get("ppl")
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors = {"pairs": "tab:blue", "pca": "tab:orange", "svd": "tab:green"}
+    colors = {"pairs": "tab:blue", "pca": "tab:orange", "svd": "tab:green", "joint": "tab:red"}
     styles = {"": ("-", "o"), "ft": ("--", "s"), "load": (":", "^"), "budget": ("-.", "D")}
     for m in METHODS:
         for variant, (ls, mk) in styles.items():
-            pts = sorted((v["rank"], v["ppl"]) for v in res.values() if v["method"] == m and v["variant"] == variant)
+            pts = sorted((v["rank"], v["ppl"]) for k, v in res.items()
+                         if v["method"] == m and v["variant"] == variant and "@" not in k)
             if pts:
                 ax.plot(*zip(*pts), ls=ls, marker=mk, color=colors[m], label=f"{m} {VARIANTS[variant]}")
     if orig:
@@ -372,11 +446,16 @@ def main(argv=None) -> int:
     sweep.stats("calib")
     if args.load_ranks:
         sweep.stats("load")
-    for method, rank, variant in configurations(args):
-        sweep.run_ppl(method, rank, variant)
-    specs = args.passkey if args.only is None else [k.removeprefix("passkey:") for k in args.only if k.startswith("passkey:")]
+    for config in configurations(args):
+        sweep.run_ppl(*config)
+    only = args.only or []
+    specs = args.passkey if args.only is None else [k.removeprefix("passkey:") for k in only if k.startswith("passkey:")]
     for spec in specs:
-        sweep.run_passkey(spec)
+        for ctx in args.passkey_ctx:
+            sweep.run_passkey(spec, ctx)
+    quarters = args.quarters if args.only is None else [k.removeprefix("quarters:") for k in only if k.startswith("quarters:")]
+    for spec in quarters:
+        sweep.run_quarters(spec)
     sweep.save()
     return 0
 

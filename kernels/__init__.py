@@ -1,4 +1,5 @@
-"""Paged attention and KV-cache writes for thin keys (q/k: r dims, v: d dims).
+"""Paged attention and KV-cache writes for thin keys (q/k: r dims, v: d dims), optionally
+with one key shared by groups of KV heads (`key_share`: q/k key_share * r dims).
 
 `paged_attention` / `write_kv` are the Triton ops (CUDA, or the Triton interpreter);
 `paged_attention_torch` / `write_kv_torch` are the same ops in vectorised torch for

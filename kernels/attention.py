@@ -10,6 +10,8 @@ Launch plan (no device sync when the caller passes max_seqlen_q and max_seqlen_k
   too small to fill the device (`launch.decode_splits`), plus a merge launch. In a
   mixed batch the prefill programs fill the device, so decode runs unsplit unless
   `num_splits` forces more.
+- Tiles are sized by the query/key width qk = key_share * r (`launch.tile_config`);
+  key_share is the kernel's KEY_SHARE constexpr, so each share-group size compiles once.
 """
 
 from __future__ import annotations
@@ -33,18 +35,28 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     """Causal attention of this step's query tokens over a paged thin-key cache.
 
     Called as paged_attention(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale,
-    out=None, *, gaps=None, max_seqlen_q=None, max_seqlen_k=None, num_splits=None) (`calls.attention_op`).
+    out=None, *, gaps=None, key_share=1, max_seqlen_q=None, max_seqlen_k=None, num_splits=None)
+    (`calls.attention_op`).
 
-    q [T, H, r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
+    q [T, H, key_share * r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
     [num_blocks, block_size, Hkv, d] (any strides, e.g. views of one packed buffer);
     block_table [num_seqs, max_blocks] int32; cu_seqlens_q [num_seqs + 1] int32;
     seq_lens [num_seqs] int32, the context length including this step's tokens. The
     query tokens of sequence i are its last q_len_i positions.
     gaps: optional [num_seqs, 2] int32 token ranges [start, end) to skip (start == end:
     none); they must lie in the cached context (end <= seq_len - q_len), and their
-    cache slots are never read. max_seqlen_q / max_seqlen_k: host-side upper bounds;
-    when either is None they are computed and all metadata values are validated (one
-    device sync). num_splits: force the decode split-KV factor (testing, tuning).
+    cache slots are never read.
+    key_share: S KV heads share one key (S divides Hkv, S * r <= 256; 1: per-head keys).
+    A compression method that learns one key latent per group of S KV heads stores it
+    split across their S key cache slots (r dims each, ascending head order; write_kv is
+    unchanged). Query head h, with KV head g = h // (H / Hkv) in share group s = g // S,
+    dots its S * r query dims with key_cache[block, offset, s*S:(s+1)*S].flatten(), and
+    reads its values from value head g as usual. The cache holds the same bytes as
+    per-head r-dim keys, but each query head dots an S * r-dim key: S times the QK FLOPs
+    (and q bytes) per query head, for a richer key at no extra cache memory.
+    max_seqlen_q / max_seqlen_k: host-side upper bounds; when either is None they are
+    computed and all metadata values are validated (one device sync).
+    num_splits: force the decode split-KV factor (testing, tuning).
     Returns `out` (or a new tensor) [T, H, d] in q's dtype.
     """
     shape = check_attention_call(call, out, triton_path=True, interpreting=launch.interpreting())
@@ -76,13 +88,13 @@ def plan_attention(
     if shape.num_tokens == 0 or shape.num_seqs == 0:
         return []
     q, key_cache, value_cache, block_table, gaps = call.q, call.key_cache, call.value_cache, call.block_table, call.gaps
-    decode_cfg = launch.tile_config("decode", shape.r, shape.d, shape.group, q.dtype, facts)
+    decode_cfg = launch.tile_config("decode", shape.qk, shape.d, shape.group, q.dtype, facts)
     decode_max_q = decode_cfg.block_m // shape.group
     has_prefill = max_seqlen_q > decode_max_q
     if num_splits is None:
         num_splits = 1 if has_prefill else launch.decode_splits(shape.num_seqs, shape.num_kv_heads, max_seqlen_k,
                                                                 facts)
-    r_pad, d_pad = launch.head_pads(shape.r, shape.d)
+    qk_pad, d_pad = launch.head_pads(shape.qk, shape.d)
     if num_splits > 1:
         partial = (shape.num_tokens, shape.num_heads, num_splits)
         part_out = torch.empty(*partial, d_pad, dtype=torch.float32, device=q.device)
@@ -100,8 +112,9 @@ def plan_attention(
     )
     kv_aligned = all(s % 8 == 0 for s in key_cache.stride()[:3] + value_cache.stride()[:3])
     common = dict(
-        GROUP=shape.group, R=shape.r, R_PAD=r_pad, D=shape.d, D_PAD=d_pad, BLOCK_SIZE=shape.block_size,
-        DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap, KV_ALIGNED=kv_aligned, UPCAST=launch.interpreting(),
+        GROUP=shape.group, R=shape.r, KEY_SHARE=shape.key_share, QK_PAD=qk_pad, D=shape.d, D_PAD=d_pad,
+        BLOCK_SIZE=shape.block_size, DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap, KV_ALIGNED=kv_aligned,
+        UPCAST=launch.interpreting(),
     )
 
     def attention_launch(cfg: launch.TileConfig, decode: bool, splits: int, grid: tuple[int, ...]) -> launch.KernelCall:
@@ -121,7 +134,7 @@ def plan_attention(
             dict(num_warps=4),
         ))
     if has_prefill:
-        cfg = launch.tile_config("prefill", shape.r, shape.d, shape.group, q.dtype, facts)
+        cfg = launch.tile_config("prefill", shape.qk, shape.d, shape.group, q.dtype, facts)
         q_blocks = shape.num_tokens // (cfg.block_m // shape.group) + shape.num_seqs  # >= the blocks needed
         launches.append(attention_launch(cfg, False, 1, (q_blocks, shape.num_kv_heads, 1)))
     return launches

@@ -22,6 +22,15 @@ nothing, so unwritten cache slots and garbage block-table entries are never
 dereferenced), masked V rows load as 0 (0 * NaN would poison P·V), and KV tiles
 entirely inside the gap are skipped outright. HAS_GAP=False removes all gap code.
 
+Shared keys (KEY_SHARE = S > 1): one key latent per token is shared by a group of
+S KV heads and stored split across their S cache slots (R dims each). The programs of
+KV head g dot their queries (QK = S·R dims) with the concatenation of the slots of
+heads (g // S)·S ... (g // S)·S + S - 1, in that order: key column c of the
+[QK_PAD, TILE_N] key tile comes from head (g // S)·S + c // R, channel c % R. Values
+stay per KV head, so the grid is still per KV head (the S programs of a share group
+load the same key bytes, mostly from L2). KEY_SHARE == 1 is resolved
+at trace time to exactly the per-head code, with no per-column index arithmetic.
+
 Softmax uses exp2 with log2(e) folded into `qk_scale`. UPCAST (set when running in
 the Triton interpreter, whose bf16 arithmetic is wrong) casts loads to fp32; on a
 GPU the dots take the native 16-bit inputs for tensor cores.
@@ -68,7 +77,7 @@ def paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, D] (final output)
     part_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, D_PAD] fp32 (split partials)
     part_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32 (log2-sum-exp per split)
-    q_ptr,  # [num_tokens, num_heads, R]
+    q_ptr,  # [num_tokens, num_heads, KEY_SHARE * R]
     k_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, R], any strides
     v_cache_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads, D], any strides
     block_table_ptr,  # [>= num_seqs, max_blocks] int32
@@ -85,8 +94,9 @@ def paged_attention_kernel(
     stride_bt_s, stride_bt_b,
     stride_gap_s, stride_gap_e,
     GROUP: tl.constexpr,  # query heads per KV head
-    R: tl.constexpr,
-    R_PAD: tl.constexpr,  # max(16, next_pow2(R)): tl.dot needs K >= 16 and power-of-two aranges
+    R: tl.constexpr,  # key cache slot width
+    KEY_SHARE: tl.constexpr,  # KV heads whose R-wide key slots form one key of KEY_SHARE * R dims
+    QK_PAD: tl.constexpr,  # max(16, next_pow2(KEY_SHARE * R)): tl.dot needs K >= 16 and power-of-two aranges
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # KV cache block size
@@ -120,10 +130,10 @@ def paged_attention_kernel(
 
     # ---- query rows: (token, head) pairs of this block ------------------------------
     offs_m = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
+    offs_r = tl.arange(0, QK_PAD)  # query/key channels
     offs_d = tl.arange(0, D_PAD)
     offs_n = tl.arange(0, TILE_N)
-    r_ok = offs_r < R
+    r_ok = offs_r < KEY_SHARE * R
     d_ok = offs_d < D
     if KV_ALIGNED:
         # The host checked these strides are multiples of 8 elements; saying so lets the compiler use
@@ -164,6 +174,13 @@ def paged_attention_kernel(
     it_lo = split * tiles_per_split
     it_hi = tl.minimum(it_lo + tiles_per_split, live_tiles)
 
+    if KEY_SHARE == 1:
+        k_head = kv_head
+    else:
+        # The share group's first KV head; key channel c is channel c % R of its slot c // R.
+        k_head = kv_head // KEY_SHARE * KEY_SHARE
+        k_chan = (offs_r // R) * stride_k_h + (offs_r % R) * stride_k_c
+
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_s
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,13 +196,20 @@ def paged_attention_kernel(
             col_ok = col_ok & ((pos < gap_lo) | (pos >= gap_hi))
         block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_bt_b, mask=col_ok, other=0).to(tl.int64)
         in_block = pos % BLOCK_SIZE
-        k_slot = block * stride_k_b + in_block * stride_k_s + kv_head * stride_k_h
+        k_slot = block * stride_k_b + in_block * stride_k_s + k_head * stride_k_h
         v_slot = block * stride_v_b + in_block * stride_v_s + kv_head * stride_v_h
-        k = tl.load(  # [R_PAD, TILE_N]
-            k_cache_ptr + k_slot[None, :] + offs_r[:, None] * stride_k_c,
-            mask=r_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        if KEY_SHARE == 1:
+            k = tl.load(  # [QK_PAD, TILE_N]
+                k_cache_ptr + k_slot[None, :] + offs_r[:, None] * stride_k_c,
+                mask=r_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+        else:
+            k = tl.load(  # [QK_PAD, TILE_N]: the share group's KEY_SHARE slots, concatenated
+                k_cache_ptr + k_slot[None, :] + k_chan[:, None],
+                mask=r_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         v = tl.load(  # [TILE_N, D_PAD]
             v_cache_ptr + v_slot[:, None] + offs_d[None, :] * stride_v_c,
             mask=col_ok[:, None] & d_ok[None, :],

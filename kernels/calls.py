@@ -20,7 +20,7 @@ import torch
 class AttentionCall:
     """The inputs of one paged-attention call (layouts: `attention.paged_attention`)."""
 
-    q: torch.Tensor  # [T, H, r]
+    q: torch.Tensor  # [T, H, key_share * r]
     key_cache: torch.Tensor  # [num_blocks, block_size, Hkv, r], any strides
     value_cache: torch.Tensor  # [num_blocks, block_size, Hkv, d], any strides
     block_table: torch.Tensor  # [num_seqs, max_blocks] int32
@@ -28,6 +28,7 @@ class AttentionCall:
     seq_lens: torch.Tensor  # [num_seqs] int32, including this step's query tokens
     scale: float
     gaps: torch.Tensor | None = None  # [num_seqs, 2] int32 ranges [start, end) never read
+    key_share: int = 1  # KV heads per shared key latent: a query's key is its share group's S slots, concatenated
     max_seqlen_q: int | None = None  # host-side upper bounds; None: read from the metadata
     max_seqlen_k: int | None = None
 
@@ -77,12 +78,13 @@ def attention_op(impl: AttentionImpl) -> Callable[..., torch.Tensor]:
         out: torch.Tensor | None = None,
         *,
         gaps: torch.Tensor | None = None,
+        key_share: int = 1,
         max_seqlen_q: int | None = None,
         max_seqlen_k: int | None = None,
         num_splits: int | None = None,
     ) -> torch.Tensor:
         call = AttentionCall(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, gaps,
-                             max_seqlen_q, max_seqlen_k)
+                             key_share, max_seqlen_q, max_seqlen_k)
         return impl(call, out, num_splits)
 
     return _named_like(op, impl)

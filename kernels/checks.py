@@ -40,15 +40,21 @@ class AttentionShape:
     num_tokens: int
     num_heads: int
     num_kv_heads: int
-    r: int  # query/key head dim
+    r: int  # key cache slot width (the query/key head dim when key_share == 1)
     d: int  # value head dim
     block_size: int
     num_seqs: int
+    key_share: int = 1  # KV heads whose key slots form one shared key
 
     @property
     def group(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def qk(self) -> int:
+        """Query/key width per head: key_share * r (the dot-product length; what the tiles are sized by)."""
+        return self.key_share * self.r
 
 
 def _check_rank(t: torch.Tensor, name: str, rank: int, layout: str) -> None:
@@ -83,6 +89,19 @@ def check_head_dims(r: int, d: int) -> None:
         raise ThinKVError(
             f"value head dim d={d} is unsupported: d must be a multiple of {V_MULTIPLE} in [{V_MULTIPLE}, {MAX_HEAD_DIM}] "
             "(64, 128 and 256 are the tested sizes)"
+        )
+
+
+def check_key_share(key_share: int, num_kv_heads: int, r: int) -> None:
+    """key_share: a positive int dividing num_kv_heads, whose shared width key_share * r the kernels support."""
+    if isinstance(key_share, bool) or not isinstance(key_share, int) or key_share < 1:
+        raise ThinKVError(f"key_share must be a positive int, got {key_share!r}")
+    if num_kv_heads % key_share:
+        raise ThinKVError(f"key_share={key_share} must divide num_kv_heads={num_kv_heads}")
+    if key_share * r > MAX_HEAD_DIM:
+        raise ThinKVError(
+            f"shared query/key width key_share * r = {key_share} * {r} = {key_share * r} exceeds the kernels' limit "
+            f"{MAX_HEAD_DIM}: use a smaller share group"
         )
 
 
@@ -146,13 +165,19 @@ def attention_shape(call: AttentionCall, out: torch.Tensor | None = None) -> Att
     """Shapes and dtypes of a `paged_attention` call; returns its static sizes."""
     q, key_cache, block_table, cu_seqlens_q, seq_lens, gaps = (
         call.q, call.key_cache, call.block_table, call.cu_seqlens_q, call.seq_lens, call.gaps)
-    _check_rank(q, "q", 3, "[num_tokens, num_heads, r]")
+    key_share = call.key_share
+    _check_rank(q, "q", 3, "[num_tokens, num_heads, r]" if key_share == 1 else "[num_tokens, num_heads, key_share * r]")
     _, block_size, num_kv_heads, r, d = _check_caches(key_cache, call.value_cache)
+    check_key_share(key_share, num_kv_heads, r)
     num_tokens, num_heads, q_r = q.shape
     if q.dtype != key_cache.dtype:
         raise ThinKVError(f"q ({q.dtype}) and the caches ({key_cache.dtype}) must have the same dtype")
-    if q_r != r:
+    if key_share == 1 and q_r != r:
         raise ThinKVError(f"q head dim {q_r} != key_cache head dim r={r}")
+    if q_r != key_share * r:
+        raise ThinKVError(
+            f"q head dim {q_r} != key_share * r = {key_share} * {r} = {key_share * r} (the shared key width)"
+        )
     if num_heads <= 0 or num_heads % num_kv_heads:
         raise ThinKVError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}")
     _check_int32(seq_lens, "seq_lens", 1, "[num_seqs]")
@@ -175,7 +200,7 @@ def attention_shape(call: AttentionCall, out: torch.Tensor | None = None) -> Att
             raise ThinKVError(f"out must have shape {(num_tokens, num_heads, d)}, got {tuple(out.shape)}")
         if out.dtype != q.dtype:
             raise ThinKVError(f"out dtype {out.dtype} must equal q dtype {q.dtype}")
-    return AttentionShape(num_tokens, num_heads, num_kv_heads, r, d, block_size, num_seqs)
+    return AttentionShape(num_tokens, num_heads, num_kv_heads, r, d, block_size, num_seqs, key_share)
 
 
 def attention_metadata_limits(call: AttentionCall, shape: AttentionShape) -> tuple[int, int]:

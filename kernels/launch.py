@@ -2,18 +2,19 @@
 
 No `@triton.autotune`: the interpreter cannot run several configs, CUDA graphs want
 no first-call benchmarking, and an explicit table is reviewable. Configs are pure
-functions of (phase, r, d, group size, dtype, device facts); tune them with
-`benchmarks/kernels.py`.
+functions of (phase, qk, d, group size, dtype, device facts), where qk is the query/key
+width per head (r, or key_share * r with shared keys: `attention.paged_attention`) and
+QK_PAD / D_PAD its and d's padded widths (`head_pads`); tune them with `benchmarks/kernels.py`.
 
-| phase   | dtype  | condition            | BLOCK_M           | TILE_N                    | warps | stages |
-|---------|--------|----------------------|-------------------|---------------------------|-------|--------|
-| decode  | 16-bit | R_PAD + D_PAD <= 384 | max(16, pow2(g))  | 64                        | 4     | 3      |
-| decode  | 16-bit | wider                | max(16, pow2(g))  | 32                        | 4     | 3      |
-| decode  | fp32   |                      | max(16, pow2(g))  | 32                        | 4     | 2      |
-| prefill | 16-bit | D_PAD <= 128         | max(128, pow2(g)) | 64                        | 8     | 3      |
-| prefill | 16-bit | D_PAD == 256         | max(64, pow2(g))  | 64 if R_PAD <= 64 else 32 | 8     | 2      |
-| prefill | fp32   |                      | max(64, pow2(g))  | 32                        | 8     | 2      |
-| any     | interpreter |                 | max(16 decode / 32 prefill, pow2(g)) | 32     | 1     | 1      |
+| phase   | dtype  | condition             | BLOCK_M           | TILE_N                     | warps | stages |
+|---------|--------|-----------------------|-------------------|----------------------------|-------|--------|
+| decode  | 16-bit | QK_PAD + D_PAD <= 384 | max(16, pow2(g))  | 64                         | 4     | 3      |
+| decode  | 16-bit | wider                 | max(16, pow2(g))  | 32                         | 4     | 3      |
+| decode  | fp32   |                       | max(16, pow2(g))  | 32                         | 4     | 2      |
+| prefill | 16-bit | D_PAD <= 128          | max(128, pow2(g)) | 64                         | 8     | 3      |
+| prefill | 16-bit | D_PAD == 256          | max(64, pow2(g))  | 64 if QK_PAD <= 64 else 32 | 8     | 2      |
+| prefill | fp32   |                       | max(64, pow2(g))  | 32                         | 8     | 2      |
+| any     | interpreter |                   | max(16 decode / 32 prefill, pow2(g)) | 32     | 1     | 1      |
 
 On a GPU the stage count, then TILE_N, then BLOCK_M are lowered until the pipelined
 K/V tiles fit the device's shared memory. The interpreter uses small tiles so that the
@@ -99,16 +100,17 @@ def device_facts(device: torch.device) -> DeviceFacts:
 
 
 @functools.lru_cache(maxsize=None)
-def head_pads(r: int, d: int) -> tuple[int, int]:
-    """Power-of-two register widths: r padded to >= 16 (tl.dot needs K >= 16), d to a power of two."""
-    return max(16, triton.next_power_of_2(r)), triton.next_power_of_2(d)
+def head_pads(qk: int, d: int) -> tuple[int, int]:
+    """Power-of-two register widths: the query/key width qk (r, or key_share * r) padded to >= 16
+    (tl.dot needs K >= 16), d to a power of two."""
+    return max(16, triton.next_power_of_2(qk)), triton.next_power_of_2(d)
 
 
-def _fit_smem(cfg: TileConfig, min_block_m: int, r_pad: int, d_pad: int, elem: int, smem: int) -> TileConfig:
+def _fit_smem(cfg: TileConfig, min_block_m: int, qk_pad: int, d_pad: int, elem: int, smem: int) -> TileConfig:
     """Fewer pipeline stages, then a narrower KV tile, then fewer query rows, until the staged
     K/V tiles and the query block fit in shared memory."""
     block_m, tile_n, stages = cfg.block_m, cfg.tile_n, cfg.num_stages
-    while stages * tile_n * (r_pad + d_pad) * elem + block_m * r_pad * elem > 0.85 * smem:
+    while stages * tile_n * (qk_pad + d_pad) * elem + block_m * qk_pad * elem > 0.85 * smem:
         if stages > 1:
             stages -= 1
         elif tile_n > 16:
@@ -121,22 +123,22 @@ def _fit_smem(cfg: TileConfig, min_block_m: int, r_pad: int, d_pad: int, elem: i
 
 
 @functools.lru_cache(maxsize=None)
-def tile_config(phase: str, r: int, d: int, group: int, dtype: torch.dtype, facts: DeviceFacts) -> TileConfig:
-    """The table above; `phase` is 'decode' or 'prefill'."""
-    r_pad, d_pad = head_pads(r, d)
+def tile_config(phase: str, qk: int, d: int, group: int, dtype: torch.dtype, facts: DeviceFacts) -> TileConfig:
+    """The table above; `phase` is 'decode' or 'prefill', qk the query/key width per head (`head_pads`)."""
+    qk_pad, d_pad = head_pads(qk, d)
     group_rows = triton.next_power_of_2(group)
     if facts.kind == "interpreter":
         return TileConfig(max(16 if phase == "decode" else 32, group_rows), 32, 1, 1)
     wide = dtype == torch.float32
     if phase == "decode":
-        cfg = TileConfig(max(16, group_rows), 32 if wide or r_pad + d_pad > 384 else 64, 4, 2 if wide else 3)
+        cfg = TileConfig(max(16, group_rows), 32 if wide or qk_pad + d_pad > 384 else 64, 4, 2 if wide else 3)
     elif wide:
         cfg = TileConfig(max(64, group_rows), 32, 8, 2)
     elif d_pad <= 128:
         cfg = TileConfig(max(128, group_rows), 64, 8, 3)
     else:
-        cfg = TileConfig(max(64, group_rows), 64 if r_pad <= 64 else 32, 8, 2)
-    return _fit_smem(cfg, max(16, group_rows), r_pad, d_pad, torch.finfo(dtype).bits // 8, facts.smem_bytes)
+        cfg = TileConfig(max(64, group_rows), 64 if qk_pad <= 64 else 32, 8, 2)
+    return _fit_smem(cfg, max(16, group_rows), qk_pad, d_pad, torch.finfo(dtype).bits // 8, facts.smem_bytes)
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, facts: DeviceFacts) -> int:

@@ -3,6 +3,10 @@
 Written for obviousness, not speed: every key position is looked up through the
 block table one by one, and only positions a query may see are ever read, so the
 NaN-filled slots that the tests plant in unused cache memory cannot leak in.
+
+Shared keys (key_share = S): query head h (KV head g = h // group) uses the key
+key_cache[block, offset, (g // S) * S : (g // S + 1) * S].flatten(), the S * r-dim
+concatenation of its share group's slots, and the value of head g.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     num_tokens, num_heads, _ = call.q.shape
     _, block_size, num_kv_heads, _ = call.key_cache.shape
     group = num_heads // num_kv_heads
+    share = call.key_share
     result = torch.zeros(num_tokens, num_heads, call.value_cache.shape[-1], dtype=torch.float64)
     cu = call.cu_seqlens_q.tolist()
     for seq, seq_len in enumerate(call.seq_lens.tolist()):
@@ -46,8 +51,10 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
             if not visible.any():
                 continue
             for h in range(num_heads):
-                k = keys[visible, h // group]
-                v = values[visible, h // group]
+                kv_head = h // group
+                first_slot = kv_head // share * share  # the share group's key slots, concatenated
+                k = keys[visible, first_slot : first_slot + share].flatten(1)  # [P, share * r]
+                v = values[visible, kv_head]
                 weights = torch.softmax(k @ call.q[first + j, h].double().cpu() * call.scale, dim=0)
                 result[first + j, h] = weights @ v
     return result

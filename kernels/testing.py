@@ -65,6 +65,7 @@ def random_paged_batch(
     device: torch.device | str = "cpu",
     layout: str = "NHD",
     gaps: list[tuple[int, int]] | None = None,
+    key_share: int = 1,
     spare_blocks: int = 3,
     seed: int = 0,
 ) -> PagedBatch:
@@ -74,6 +75,7 @@ def random_paged_batch(
     positions sharing a block with kept tokens stay unwritten (NaN). Values are drawn
     on the CPU from `seed`, so a batch is the same on every device; meant for small sizes.
     The default float32 CPU batch is enough to plan launches (`plan_attention`).
+    key_share: q gets key_share * r dims per head (shared keys, `attention.paged_attention`).
     """
     assert len(q_lens) == len(seq_lens) and all(0 <= ql <= sl for ql, sl in zip(q_lens, seq_lens))
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +111,7 @@ def random_paged_batch(
 
     cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
-    q = torch.randn(int(cu[-1]), num_heads, r, generator=gen).to(device, dtype)
+    q = torch.randn(int(cu[-1]), num_heads, key_share * r, generator=gen).to(device, dtype)
     return PagedBatch(
         q=q,
         key_cache=key_cache,
@@ -117,8 +119,9 @@ def random_paged_batch(
         block_table=block_table.to(device),
         cu_seqlens_q=cu.to(device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        scale=r**-0.5,
+        scale=(key_share * r) ** -0.5,
         gaps=torch.tensor(gaps_list, dtype=torch.int32, device=device) if gaps is not None else None,
+        key_share=key_share,
         max_seqlen_q=max(q_lens, default=0),
         max_seqlen_k=max(seq_lens, default=0),
         packed=packed,

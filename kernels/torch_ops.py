@@ -6,6 +6,12 @@ are gathered block-wise through the block table, so gap slots are never read, an
 `scaled_dot_product_attention` runs with a lower-right causal mask: dropping a gap
 that lies entirely in the cached context keeps the query tokens at the end, so the
 mask stays the standard "query i sees all but the last q_len - 1 - i keys".
+
+Shared keys (key_share = S > 1, see `attention.paged_attention`): the gathered keys
+[P, Hkv, r] are viewed as one [P, Hkv / S, S * r] key per share group and repeated S
+times along the heads, so every KV head has its group's S * r-dim key next to its own
+values and SDPA's grouped-query mode maps query heads to KV heads as usual. The copy
+costs S times the key bytes of one sequence; the QK work is S times that of r-dim keys.
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ def _kept(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, gap: tuple[in
     if lo >= hi:
         return gather_tokens(cache, blocks, 0, seq_len)
     return torch.cat([gather_tokens(cache, blocks, 0, lo), gather_tokens(cache, blocks, hi, seq_len)])
+
+
+def _shared(keys: torch.Tensor, key_share: int) -> torch.Tensor:
+    """[P, Hkv, r] key slots -> [P, Hkv, key_share * r]: each head gets its share group's slots, concatenated."""
+    if key_share == 1:
+        return keys
+    num_tokens, num_kv_heads, r = keys.shape
+    grouped = keys.reshape(num_tokens, num_kv_heads // key_share, key_share * r)
+    return grouped.repeat_interleave(key_share, dim=1)
 
 
 def _equal_widths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -67,9 +82,10 @@ def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_spl
             continue
         blocks = call.block_table[seq]
         # 4-D [1, heads, tokens, dim] views: with 3-D inputs torch's CPU SDPA takes its slow math path (~10x).
-        keys = _kept(call.key_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, r]
+        keys = _shared(_kept(call.key_cache, blocks, seq_len, gap_list[seq]), shape.key_share)
+        keys = keys.transpose(0, 1)[None]  # [1, Hkv, P, key_share * r]
         values = _kept(call.value_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, d]
-        queries = call.q[first:last].transpose(0, 1)[None]  # [1, H, q_len, r]
+        queries = call.q[first:last].transpose(0, 1)[None]  # [1, H, q_len, key_share * r]
         if q_len == 1:
             mask = None  # the last position sees every kept key
         else:

@@ -19,10 +19,16 @@ Thin forms (how the thin model computes q·k; see `vllm_thinkv.hf.thin_attention
   the r-dim space with per-KV-head inverse frequencies ``rope_inv_freq [Hkv, r/2]``.
 * ``post_rope_projection`` (pca; pairs on Qwen3): original q/k and RoPE at
   full d, then per-KV-head bases ``q_basis``/``k_basis [Hkv, d, r]``.
+* ``shared_projection`` (joint): original q/k and RoPE at full d, then one key
+  latent per group of `share_group` (S) KV heads, ``z = k_basis[s]ᵀ [k_{sS}; …; k_{sS+S-1}]``
+  with ``k_basis [Hkv/S, S·d, S·r]``, cached split across the group's S KV-head
+  slots (r dims each: the same bytes as per-head rank r); query head h scores
+  with ``q̃_h = q_basis[h // g]ᵀ q_h``, ``q_basis [Hkv, d, S·r]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +37,15 @@ from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import MAX_HEAD_DIM, QK_MULTIPLE
 
 THINKV_VERSION = 1
-METHODS = ("pairs", "pca", "svd")
-FORMS = ("rope_subspace", "post_rope_projection")
+# Calibration window when the request names none: the serving length (vLLM's
+# max_model_len at load time, the model's max_position_embeddings offline), up to
+# this many tokens. Measured on SmolLM2 (joint r = 32): calibrated on 1024-token
+# windows, PPL per 512 positions rises from +6% to x3.5 by position 4096;
+# calibrated on 4096-token windows it stays within +11-17% all the way.
+DEFAULT_CALIB_CTX = 4096
+METHODS = ("pairs", "pca", "svd", "joint")
+FORMS = ("rope_subspace", "post_rope_projection", "shared_projection")
+SHARED_METHODS = ("joint",)  # methods whose key latent is shared by groups of KV heads
 
 # original HF architecture -> thin architecture registered by the plugin
 ARCHITECTURES: dict[str, str] = {
@@ -59,6 +72,8 @@ def form_for(method: str, architecture: str) -> str:
     _check_architecture(architecture)
     if method == "pca":
         return "post_rope_projection"
+    if method == "joint":
+        return "shared_projection"
     if architecture == "Qwen3ForCausalLM":
         if method == "svd":
             raise ThinKVError(
@@ -80,6 +95,32 @@ def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> Non
         limit = "the model's head_dim" if top == head_dim else f"the thinkv kernels' limit (head_dim {head_dim})"
         raise ThinKVError(f"{what} {rank} is not supported: it must be a multiple of {QK_MULTIPLE} from "
                           f"{QK_MULTIPLE} to {top} ({limit})")
+
+
+def check_share_group(share_group: Any, ranks: tuple[int, ...] | list[int], method: str) -> None:
+    """A shared key is S·r wide per query head: S a positive integer, S·r within the kernels' limit."""
+    if isinstance(share_group, bool) or not isinstance(share_group, int) or share_group < 1:
+        raise ThinKVError(f"share_group must be a positive integer (KV heads per shared key latent), got {share_group!r}")
+    if method not in SHARED_METHODS:
+        if share_group != 1:
+            raise ThinKVError(f"share_group {share_group} needs a shared-key method ({', '.join(SHARED_METHODS)}); "
+                              f"method {method!r} keeps one key basis per KV head")
+        return
+    wide = [r for r in ranks if share_group * r > MAX_HEAD_DIM]
+    if wide:
+        raise ThinKVError(
+            f"share_group {share_group} x rank {max(wide)} = {share_group * max(wide)} is wider than the thinkv kernels' "
+            f"{MAX_HEAD_DIM}-dim query/key limit: use a share group of at most {max(1, MAX_HEAD_DIM // max(wide))} "
+            f"KV heads, or a lower rank"
+        )
+
+
+def check_share_divides(share_group: int, num_kv_heads: int) -> None:
+    """Share groups hold whole KV heads: S must divide the model's KV heads."""
+    if num_kv_heads % share_group:
+        divisors = [s for s in range(1, num_kv_heads + 1) if num_kv_heads % s == 0]
+        raise ThinKVError(f"share_group {share_group} does not divide the model's {num_kv_heads} KV heads; "
+                          f"supported: {', '.join(map(str, divisors))}")
 
 
 def _check_method(method: Any) -> None:
@@ -130,6 +171,7 @@ class ThinKVConfig:
     finetuned: bool = False
     calibration: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     version: int = THINKV_VERSION
+    share_group: int = 1  # KV heads per shared key latent (form shared_projection); 1 otherwise
 
     def __post_init__(self) -> None:
         if self.version != THINKV_VERSION:
@@ -139,7 +181,8 @@ class ThinKVConfig:
         _check_method(self.method)
         if self.form not in FORMS:
             raise ThinKVError(f"unknown thinkv form {self.form!r}; supported: {', '.join(FORMS)}")
-        allowed = {"pairs": FORMS, "pca": ("post_rope_projection",), "svd": ("rope_subspace",)}[self.method]
+        allowed = {"pairs": ("rope_subspace", "post_rope_projection"), "pca": ("post_rope_projection",),
+                   "svd": ("rope_subspace",), "joint": ("shared_projection",)}[self.method]
         if self.form not in allowed:
             raise ThinKVError(f"method {self.method!r} cannot produce form {self.form!r}; it produces {' or '.join(allowed)}")
         if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
@@ -149,6 +192,7 @@ class ThinKVConfig:
             raise ThinKVError("thinkv section has an empty 'ranks' list; it needs one rank per layer")
         for i, r in enumerate(self.ranks):
             check_rank(r, self.head_dim, self.method, what=f"rank of layer {i}")
+        check_share_group(self.share_group, self.ranks, self.method)
         if not isinstance(self.finetuned, bool):
             raise ThinKVError(f"'finetuned' must be true or false, got {self.finetuned!r}")
 
@@ -170,7 +214,7 @@ class ThinKVConfig:
         for `pairs`, whose selection is exact under RoPE (None here). Also None when
         the checkpoint does not record its calibration window."""
         ctx = self.calibration.get("ctx")
-        if self.method not in ("pca", "svd") or isinstance(ctx, bool) or not isinstance(ctx, int):
+        if self.method not in ("pca", "svd", "joint") or isinstance(ctx, bool) or not isinstance(ctx, int):
             return None
         return ctx
 
@@ -178,7 +222,8 @@ class ThinKVConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> ThinKVConfig:
         if not isinstance(d, Mapping):
             raise ThinKVError(f"the thinkv section must be a JSON object, got {type(d).__name__}")
-        _check_keys(d, {"version", "method", "form", "ranks", "head_dim", "finetuned", "calibration"}, "the thinkv section")
+        _check_keys(d, {"version", "method", "form", "ranks", "head_dim", "finetuned", "calibration", "share_group"},
+                    "the thinkv section")
         for key in ("version", "method", "form", "ranks", "head_dim"):
             if key not in d:
                 raise ThinKVError(f"the thinkv section lacks {key!r}")
@@ -192,10 +237,11 @@ class ThinKVConfig:
             finetuned=d.get("finetuned", False),
             calibration=dict(d.get("calibration", {})),
             version=d["version"],
+            share_group=d.get("share_group", 1),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": self.version,
             "method": self.method,
             "form": self.form,
@@ -204,6 +250,9 @@ class ThinKVConfig:
             "finetuned": self.finetuned,
             "calibration": dict(self.calibration),
         }
+        if self.method in SHARED_METHODS:
+            out["share_group"] = self.share_group
+        return out
 
 
 @dataclass(frozen=True)
@@ -213,7 +262,14 @@ class CompressRequest:
 
     `calib`: text files to calibrate on; empty = the public-domain text shipped
     in the package (what load-time compression uses by default).
-    `calib_tokens`/`calib_ctx`: how much text, in windows of how many tokens.
+    `calib_tokens`/`calib_ctx`: how much text, in windows of how many tokens;
+    calib_ctx None = the serving length up to DEFAULT_CALIB_CTX (`for_serving`).
+    `share_group` (method joint): KV heads per shared key latent; None = as many
+    as the kernels' query/key width allows (`share_group_for`).
+    Instead of a rank, a quality target (`compress.target`): `target_logit_error`
+    (predicted relative logit error, e.g. 0.05) or `target_ppl_increase` (held-out
+    perplexity over the original's, e.g. 0.05 for +5%): per-layer ranks with the
+    fewest cache bytes that meet it.
     """
 
     method: str
@@ -221,43 +277,93 @@ class CompressRequest:
     rank_budget: int | None = None
     calib: tuple[str, ...] = ()
     calib_tokens: int = 16384
-    calib_ctx: int = 1024
+    calib_ctx: int | None = None
+    share_group: int | None = None
+    target_logit_error: float | None = None
+    target_ppl_increase: float | None = None
 
     def __post_init__(self) -> None:
         _check_method(self.method)
-        if (self.rank is None) == (self.rank_budget is None):
-            raise ThinKVError("give exactly one of 'rank' (uniform) or 'rank_budget' (mean rank, allocated per layer)")
+        given = [x is not None for x in (self.rank, self.rank_budget, self.target_logit_error, self.target_ppl_increase)]
+        if sum(given) != 1:
+            raise ThinKVError("give exactly one of 'rank' (uniform), 'rank_budget' (mean rank, allocated per layer), "
+                              "'target_logit_error' or 'target_ppl_increase' (per-layer ranks for a quality target)")
+        for name in ("target_logit_error", "target_ppl_increase"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+                raise ThinKVError(f"{name} must be a number between 0 and 1 (e.g. 0.05), got {v!r}")
         if isinstance(self.calib, str):
             object.__setattr__(self, "calib", (self.calib,))
         object.__setattr__(self, "calib", tuple(str(p) for p in self.calib))
         for name in ("calib_tokens", "calib_ctx"):
             v = getattr(self, name)
+            if name == "calib_ctx" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 1:
                 raise ThinKVError(f"{name} must be an integer > 1, got {v!r}")
+        if self.share_group is not None:
+            check_share_group(self.share_group, [self.nominal_rank], self.method)
+
+    def for_serving(self, max_len: int) -> CompressRequest:
+        """The request with its calibration window set: as given, or the serving length
+        `max_len` up to DEFAULT_CALIB_CTX (and no longer than the calibration tokens)."""
+        if self.calib_ctx is not None:
+            return self
+        return dataclasses.replace(self, calib_ctx=max(2, min(max_len, DEFAULT_CALIB_CTX, self.calib_tokens)))
+
+    @property
+    def nominal_rank(self) -> int:
+        """The rank the request names: uniform, mean, or (for a target) the smallest, 8."""
+        return self.rank or self.rank_budget or QK_MULTIPLE
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        if self.target_logit_error is not None:
+            return "logit_error", self.target_logit_error
+        if self.target_ppl_increase is not None:
+            return "ppl_increase", self.target_ppl_increase
+        return None
+
+    def share_group_for(self, num_kv_heads: int) -> int:
+        """KV heads per key latent on a model with `num_kv_heads`: 1 for per-head methods;
+        for `joint` the requested group (it must divide the KV heads), else the largest
+        divisor of num_kv_heads whose shared key (S × rank) fits the kernels' 256 dims
+        (all of a layer's KV heads on models with few of them)."""
+        if self.method not in SHARED_METHODS:
+            return 1
+        if self.share_group is not None:
+            check_share_divides(self.share_group, num_kv_heads)
+            return self.share_group
+        nominal = self.nominal_rank
+        return max(s for s in range(1, num_kv_heads + 1) if num_kv_heads % s == 0 and s * nominal <= MAX_HEAD_DIM)
 
     def check_head_dim(self, head_dim: int) -> None:
         """Validate the requested rank against the model's head size (known once its config is read)."""
         if self.rank is not None:
             check_rank(self.rank, head_dim, self.method)
-        else:
+        elif self.rank_budget is not None:
             check_rank(self.rank_budget, head_dim, self.method, what="rank budget")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CompressRequest:
         if not isinstance(d, Mapping):
             raise ThinKVError(f"the thinkv request must be a JSON object, got {type(d).__name__}")
-        _check_keys(d, {"method", "rank", "rank_budget", "calib", "calib_tokens", "calib_ctx"}, "the thinkv request")
+        _check_keys(d, {"method", "rank", "rank_budget", "calib", "calib_tokens", "calib_ctx", "share_group",
+                        "target_logit_error", "target_ppl_increase"}, "the thinkv request")
         if "method" not in d:
             raise ThinKVError(f"the thinkv request lacks 'method' (one of {', '.join(METHODS)})")
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method}
-        if self.rank is not None:
-            out["rank"] = self.rank
-        else:
-            out["rank_budget"] = self.rank_budget
-        out.update(calib=list(self.calib), calib_tokens=self.calib_tokens, calib_ctx=self.calib_ctx)
+        for name in ("rank", "rank_budget", "target_logit_error", "target_ppl_increase"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        out.update(calib=list(self.calib), calib_tokens=self.calib_tokens)
+        if self.calib_ctx is not None:
+            out["calib_ctx"] = self.calib_ctx
+        if self.share_group is not None:
+            out["share_group"] = self.share_group
         return out
 
 
@@ -273,12 +379,14 @@ def rope_type(hf_config: Any) -> str:
     return params.get("rope_type", params.get("type", "default")) if isinstance(params, Mapping) else "default"
 
 
-def check_model_sizes(cfg: ThinKVConfig, num_layers: int, head_dim: int) -> None:
-    """The section's per-layer ranks and head_dim against the model config's."""
+def check_model_sizes(cfg: ThinKVConfig, num_layers: int, head_dim: int, num_kv_heads: int | None = None) -> None:
+    """The section's per-layer ranks, head_dim and share group against the model config's."""
     if cfg.num_layers != num_layers:
         raise ThinKVError(f"the thinkv section lists {cfg.num_layers} layer ranks but the model has {num_layers} layers")
     if cfg.head_dim != head_dim:
         raise ThinKVError(f"the thinkv section says head_dim {cfg.head_dim} but the model config has {head_dim}")
+    if num_kv_heads is not None:
+        check_share_divides(cfg.share_group, num_kv_heads)
 
 
 def expected_shapes(cfg: ThinKVConfig, hf_config: Any) -> dict[str, tuple[int, ...]]:
@@ -288,27 +396,24 @@ def expected_shapes(cfg: ThinKVConfig, hf_config: Any) -> dict[str, tuple[int, .
     whose `thinkv` section disagrees with its weights in the same words.
     """
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    check_model_sizes(cfg, hf_config.num_hidden_layers, head_dim)
     h, hkv, hidden = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.hidden_size
+    check_model_sizes(cfg, hf_config.num_hidden_layers, head_dim, hkv)
+    s = cfg.share_group
     bias = bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2"
     shapes: dict[str, tuple[int, ...]] = {}
     for i, r in enumerate(cfg.ranks):
         p = f"model.layers.{i}.self_attn."
+        qk = r if cfg.form == "rope_subspace" else head_dim  # q/k projection rows per head
+        shapes[p + "q_proj.weight"] = (h * qk, hidden)
+        shapes[p + "k_proj.weight"] = (hkv * qk, hidden)
+        if bias:
+            shapes[p + "q_proj.bias"] = (h * qk,)
+            shapes[p + "k_proj.bias"] = (hkv * qk,)
         if cfg.form == "rope_subspace":
-            shapes[p + "q_proj.weight"] = (h * r, hidden)
-            shapes[p + "k_proj.weight"] = (hkv * r, hidden)
-            if bias:
-                shapes[p + "q_proj.bias"] = (h * r,)
-                shapes[p + "k_proj.bias"] = (hkv * r,)
             shapes[p + "rope_inv_freq"] = (hkv, r // 2)
-        else:
-            shapes[p + "q_proj.weight"] = (h * head_dim, hidden)
-            shapes[p + "k_proj.weight"] = (hkv * head_dim, hidden)
-            if bias:
-                shapes[p + "q_proj.bias"] = (h * head_dim,)
-                shapes[p + "k_proj.bias"] = (hkv * head_dim,)
-            shapes[p + "q_basis"] = (hkv, head_dim, r)
-            shapes[p + "k_basis"] = (hkv, head_dim, r)
+        else:  # post_rope_projection (s = 1) or shared_projection
+            shapes[p + "q_basis"] = (hkv, head_dim, s * r)
+            shapes[p + "k_basis"] = (hkv // s, s * head_dim, s * r)
     return shapes
 
 
@@ -322,7 +427,7 @@ def check_shapes(
     `compress_model` returns), not the original q/k projections of the
     post_rope_projection form."""
     for name, want in expected_shapes(cfg, hf_config).items():
-        if only_thin and cfg.form == "post_rope_projection" and "_proj." in name:
+        if only_thin and cfg.form != "rope_subspace" and "_proj." in name:
             continue
         got = shapes.get(name)
         if got is None:

@@ -65,7 +65,7 @@ def test_constant_keys_after_rope_follow_the_rotation(analysis, constructed_llam
 
 def test_every_method_is_exact_at_full_rank(analysis):
     le = analysis["logit_error"]
-    assert set(le["methods"]) == {"pairs", "pca", "svd"}
+    assert set(le["methods"]) == {"pairs", "pca", "svd", "joint"}
     assert le["ranks"][-1] == HEAD_DIM
     for method, res in le["methods"].items():
         for layer in res["error"]:

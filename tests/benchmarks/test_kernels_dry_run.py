@@ -30,6 +30,7 @@ def test_benchmark_dry_run_writes_results(tmp_path, capsys, load_benchmark):
     assert ranks == set(module.GPU_DRY.ranks) and all(row["us"] > 0 for row in result["decode"])
     assert all(row["speedup_vs_r_eq_d"] for row in result["decode"])
     assert result["prefill"] and result["split_sweep"]
+    assert {row["key_share"] for row in result["shared_keys"]} == {1} | {s for _, s in module.GPU_DRY.shared}
     if not torch.cuda.is_available():  # the CPU serving path is timed on CPU machines
         assert [row["case"] for row in result["torch_path"]] == ["prefill", "decode"]
     md = json_path.with_name(json_path.name.replace(".json", ".md")).read_text()

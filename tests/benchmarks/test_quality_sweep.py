@@ -19,7 +19,8 @@ def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchma
             "--calib-tokens", "128", "--methods", "pca", "svd", "--ranks", "16", "64", "--load-ranks", "16",
             "--budget-ranks", "16", "--ft-methods", "pca", "--ft-ranks", "16", "--ft-steps", "2", "--ft-windows", "2",
             "--ft-ctx", "32", "--passkey", "original", "pca:16:ft", "--passkey-ctx", "200", "--passkey-trials", "1",
-            "--passkey-depths", "0.1", "0.9"]
+            "--passkey-depths", "0.1", "0.9", "--quarters", "original", "pca:16@128", "--quarters-ctx", "160",
+            "--quarters-windows", "1", "--quarter-len", "64"]
     assert bench.main(argv) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     res = data["results"]
@@ -28,7 +29,12 @@ def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchma
     assert res["pca:64"]["exact_check_max_logit_diff"] < 1e-3 and res["pca:64"]["ppl"] == data["original"]["ppl"]
     ft = res["pca:16:ft"]["finetune"]
     assert ft["objective"] == "local" and len(ft["curve"]) == 2 and ft["windows"] == [2, 32]
-    assert len(data["passkey"]["pca:16:ft"]["trials"]) == 2 and set(data["passkey"]["original"]["by_depth"]) == {"0.1", "0.9"}
+    passkey = data["passkey"]  # keyed "SPEC ctx=N" (bare SPEC for the historical 2048)
+    assert len(passkey["pca:16:ft ctx=200"]["trials"]) == 2 and set(passkey["original ctx=200"]["by_depth"]) == {"0.1", "0.9"}
+    quarters = data["quarters"]  # PPL per 64 positions of a 160-token window; @128: calibrated on 128-token windows
+    assert set(quarters) == {"original ctx=160", "pca:16@128 ctx=160"}
+    assert all(len(q["ppl"]) == 3 and all(x > 1 for x in q["ppl"]) for q in quarters.values())
+    assert data["text"]["calib@128"]["ctx"] == 128
     assert all(v["date"] and v["command"] for v in res.values())
     md = out.with_suffix(".md").read_text()
     assert "| pca + QK fine-tune |" in md and "not run" not in md.split("## Passkey")[0].split("| pca + QK")[0]
@@ -39,6 +45,7 @@ def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchma
     assert bench.main(argv) == 0
     after = json.loads(out.with_suffix(".json").read_text())
     assert after["results"] == json.loads(before)["results"] and after["passkey"] == json.loads(before)["passkey"]
+    assert after["quarters"] == json.loads(before)["quarters"]
     assert len(list((tmp_path / "cache").glob("ft-*.pt"))) == 1
 
     # --only runs exactly the keys given, even outside the sweep's lists (svd was not in --ft-methods)
@@ -49,7 +56,8 @@ def test_sweep_writes_results_and_resumes(tiny_llama_dir, tmp_path, load_benchma
 
 def test_sweep_rejects_bad_keys_before_running(load_benchmark, capsys):
     bench = load_benchmark("quality")
-    for bad in (["--only", "pca:32:typo"], ["--only", "qr:32"], ["--only", "passkey:pca"], ["--passkey", "pca:x"]):
+    for bad in (["--only", "pca:32:typo"], ["--only", "qr:32"], ["--only", "passkey:pca"], ["--passkey", "pca:x"],
+                ["--only", "pca:32@x"], ["--quarters", "pca:32@1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--calib", "a.txt", "--eval", "b.txt", *bad])
         assert "bad key" in capsys.readouterr().err

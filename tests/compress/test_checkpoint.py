@@ -30,7 +30,7 @@ def pca_ckpt(tiny_llama_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["pairs", "pca", "svd"])
+@pytest.mark.parametrize("method", ["pairs", "pca", "svd", "joint"])
 def test_round_trip_matches_in_memory(tiny_llama_dir, tmp_path, method):
     out = tmp_path / f"thin-{method}"
     assert main(["compress", str(tiny_llama_dir), str(out), "--method", method, "--rank", "32", *FAST]) == 0
@@ -105,3 +105,23 @@ def test_load_time_request_uses_the_packaged_text(tiny_llama_dir):
     assert cfg.calibration["ctx"] == 128 and cfg.fitted_positions == 128  # what start-up warns about
     assert set(tensors) == {f"model.layers.{i}.self_attn.{n}" for i in range(4) for n in ("q_basis", "k_basis")}
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"  # the original is left as it was
+
+
+def test_calibration_window_defaults_to_the_serving_length():
+    from vllm_thinkv.config import DEFAULT_CALIB_CTX, CompressRequest
+
+    request = CompressRequest("joint", rank=16)
+    assert request.calib_ctx is None
+    assert request.for_serving(1024).calib_ctx == 1024  # vLLM's max_model_len at load time
+    assert request.for_serving(131072).calib_ctx == DEFAULT_CALIB_CTX == 4096
+    assert CompressRequest("pca", rank=16, calib_tokens=2048).for_serving(8192).calib_ctx == 2048
+    assert CompressRequest("pca", rank=16, calib_ctx=512).for_serving(8192).calib_ctx == 512
+
+
+def test_cli_calibrates_at_the_models_length_up_to_the_default(tiny_llama_dir, tmp_path):
+    """max_position_embeddings 8192: 4096-token windows, recorded for the start-up warning."""
+    out = tmp_path / "o"
+    assert main(["compress", str(tiny_llama_dir), str(out), "--method", "pca", "--rank", "16",
+                 "--calib-tokens", "8192", "--no-progress"]) == 0
+    section = ThinKVConfig.from_dict(json.loads((out / "config.json").read_text())["thinkv"])
+    assert section.calibration["ctx"] == 4096 and section.fitted_positions == 4096

@@ -22,7 +22,7 @@ def _thin(model, method_name, rank, **kw):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["pairs", "pca", "svd"])
+@pytest.mark.parametrize("method", ["pairs", "pca", "svd", "joint"])
 def test_full_rank_reproduces_the_model(arch, method):
     model = tiny_model(arch)
     ids = calib_windows(model, n=1, ctx=96, seed=7)
@@ -55,7 +55,7 @@ def test_qwen3_pairs_uses_a_selection_basis_after_rope():
     assert torch.equal(basis, tensors["model.layers.0.self_attn.q_basis"])
 
 
-@pytest.mark.parametrize("method", ["pairs", "pca"])
+@pytest.mark.parametrize("method", ["pairs", "pca", "joint"])
 def test_cached_generation_equals_full_recompute(method):
     """The thin KV cache path (k [.., r], v [.., d]) gives the same greedy tokens as recomputing."""
     model = tiny_model("llama")

@@ -20,7 +20,8 @@ from vllm_thinkv.hf.thin_model import make_thin
 QK = ("q_proj", "k_proj", "q_basis", "k_basis")
 
 
-@pytest.mark.parametrize("method, objective", [("pairs", "local"), ("pca", "local"), ("svd", "kl")])
+@pytest.mark.parametrize("method, objective", [("pairs", "local"), ("pca", "local"), ("svd", "kl"), ("joint", "local"),
+                                               ("joint", "kl")])
 def test_finetune_reduces_objective_and_touches_only_qk(method, objective):
     model = tiny_model("qwen2")  # biases train too
     windows = calib_windows(model, n=2, ctx=48)

@@ -34,14 +34,15 @@ DEVICES = {
 }
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
-# (arch, dtype, r, d, group, with gap): decode-only small batch (split-KV + merge) and a mixed batch.
+# (arch, dtype, r, d, group, with gap, key_share): decode-only small batch (split-KV + merge) and a mixed batch.
 CASES = [
-    (90, torch.bfloat16, 32, 128, 4, False),  # the headline configuration
-    (90, torch.bfloat16, 24, 256, 3, True),  # non-power-of-two r, widest d, odd group, gap
-    (90, torch.float16, 8, 64, 1, False),  # r < 16, MHA
-    (90, torch.bfloat16, 256, 256, 8, False),  # widest r
-    (90, torch.float32, 48, 128, 4, True),  # fp32 (exact products, FMA path)
-    (80, torch.float16, 64, 128, 8, False),  # Ampere
+    (90, torch.bfloat16, 32, 128, 4, False, 1),  # the headline configuration
+    (90, torch.bfloat16, 24, 256, 3, True, 1),  # non-power-of-two r, widest d, odd group, gap
+    (90, torch.float16, 8, 64, 1, False, 1),  # r < 16, MHA
+    (90, torch.bfloat16, 256, 256, 8, False, 1),  # widest r
+    (90, torch.float32, 48, 128, 4, True, 1),  # fp32 (exact products, FMA path)
+    (80, torch.float16, 64, 128, 8, False, 1),  # Ampere
+    (90, torch.bfloat16, 24, 128, 4, True, 4),  # shared keys: 4 slots of non-power-of-two r = 24 -> qk 96, gap
 ]
 
 
@@ -73,10 +74,13 @@ def specialised(call: launch.KernelCall) -> ASTSource:
     return ASTSource(call.kernel, ordered, constexprs=constants, attrs=attrs)
 
 
-def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap: bool) -> list[launch.KernelCall]:
+def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap: bool,
+                  key_share: int = 1) -> list[launch.KernelCall]:
+    num_kv_heads = max(2, key_share)
     b = random_paged_batch(
-        [1, 1, 40], [300, 64, 200], num_heads=2 * group, num_kv_heads=2, r=r, d=d, block_size=16,
-        dtype=dtype, device="cpu", gaps=[(16, 200), (0, 0), (0, 0)] if gap else None,
+        [1, 1, 40], [300, 64, 200], num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, r=r, d=d,
+        block_size=16, dtype=dtype, device="cpu", gaps=[(16, 200), (0, 0), (0, 0)] if gap else None,
+        key_share=key_share,
     )
     calls = []
     for q_lens_max in (1, 40):  # decode-only plan (uses the split heuristic) and mixed plan
@@ -84,8 +88,8 @@ def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap
         out = b.q.new_empty(shape.num_tokens, shape.num_heads, d)
         calls += plan_attention(b, shape, out, max_seqlen_q=q_lens_max, max_seqlen_k=8192, num_splits=None,
                                 facts=DEVICES[arch])
-    key = torch.randn(4, 2, r, dtype=dtype)
-    value = torch.randn(4, 2, d, dtype=dtype)
+    key = torch.randn(4, num_kv_heads, r, dtype=dtype)
+    value = torch.randn(4, num_kv_heads, d, dtype=dtype)
     slots = torch.tensor([3, -1, 7, 9], dtype=torch.int64)
     calls += plan_write_kv(KVWrite(key, value, b.key_cache, b.value_cache, slots))
     return calls
@@ -94,8 +98,8 @@ def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap
 def main() -> int:
     seen: set = set()
     failures = 0
-    for arch, dtype, r, d, group, gap in CASES:
-        for call in planned_calls(arch, dtype, r, d, group, gap):
+    for arch, dtype, r, d, group, gap, key_share in CASES:
+        for call in planned_calls(arch, dtype, r, d, group, gap, key_share):
             src = specialised(call)
             key = repr((arch, call.kernel.fn.__name__, src.signature, sorted(src.constants.items()),
                         sorted(src.attrs.items()), sorted(call.options.items())))

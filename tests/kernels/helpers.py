@@ -31,7 +31,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def reference_output(batch: PagedBatch) -> torch.Tensor:
-    return reference.paged_attention(*batch.args(), gaps=batch.gaps)
+    return reference.paged_attention(*batch.args(), gaps=batch.gaps, key_share=batch.key_share)
 
 
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:

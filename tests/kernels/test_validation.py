@@ -64,6 +64,16 @@ BAD_ATTENTION = [
      "cu_seqlens_q ends at 3 but q has num_tokens=4"),
     ("block table too narrow", lambda a: _replace(a, block_table=a["block_table"][:, :1]), "does not fit a block table"),
     ("scale", lambda a: _replace(a, scale=-1.0), "scale must be a positive finite number"),
+    # Shared keys (key_share): q holds key_share * r dims per head; the fixture has num_kv_heads=2, r=16.
+    ("key_share zero", lambda a: _replace(a, key_share=0), "key_share must be a positive int, got 0"),
+    ("key_share bool", lambda a: _replace(a, key_share=True), "key_share must be a positive int, got True"),
+    ("key_share float", lambda a: _replace(a, key_share=2.0), "key_share must be a positive int, got 2.0"),
+    ("key_share not dividing kv heads", lambda a: _replace(a, key_share=3, q=torch.zeros(4, 4, 48, device=DEVICE)),
+     "key_share=3 must divide num_kv_heads=2"),
+    ("shared q width", lambda a: _replace(a, key_share=2), "q head dim 16 != key_share * r = 2 * 16 = 32"),
+    ("shared width above 256", lambda a: _replace(a, key_share=2, q=torch.zeros(4, 4, 272, device=DEVICE),
+                                                  key_cache=_cache(r=136)[0], value_cache=_cache(r=136)[1]),
+     "key_share * r = 2 * 136 = 272 exceeds the kernels' limit 256: use a smaller share group"),
 ]
 
 

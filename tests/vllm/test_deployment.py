@@ -125,3 +125,18 @@ def test_metadata_builder_checks_what_vllm_allocated(tiny_llama_dir):
     for kv_spec, config in [(spec(32), snap), (snap_spec, plain)]:
         with pytest.raises(ThinKVError, match="run engines with different SnapKV settings in separate processes"):
             ThinKVMetadataBuilder(kv_spec, ["layer"], config, cpu)
+
+
+def test_a_shared_key_latent_with_snapkv_is_refused(tiny_llama_dir):
+    """SnapKV keeps different prompt tokens per KV head; a key latent shared by several KV heads
+    (method joint) needs every slot of a token: refused before the first layer is built."""
+    from vllm_thinkv.backend.deployment import thin_model_backend
+
+    config = vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
+    with set_current_vllm_config(config):
+        assert thin_model_backend(config, [16], share_group=1) is not None
+        with pytest.raises(ThinKVError, match="SnapKV does not support a key latent shared by 2 KV heads"):
+            thin_model_backend(config, [16], share_group=2)
+    plain = vllm_config(tiny_llama_dir)
+    with set_current_vllm_config(plain):
+        assert thin_model_backend(plain, [16], share_group=2) is not None

@@ -43,9 +43,10 @@ def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> 
     return worst, run
 
 
-# (architecture, method, rank): both thin forms, Qwen2's biases, Qwen3's q/k norms, a GQA group of 3
+# (architecture, method, rank): all three thin forms, Qwen2's biases, Qwen3's q/k norms, a GQA group of 3,
+# a key latent shared by both KV heads (joint: 2 x 24 = 48-dim shared keys)
 CASES = [("llama", "pairs", 16), ("llama-g3", "pca", 24), ("mistral", "svd", 24), ("qwen2", "pairs", 32),
-         ("qwen3", "pca", 16)]
+         ("qwen3", "pca", 16), ("llama-g3", "joint", 24)]
 
 
 @pytest.mark.parametrize("arch, method, rank", CASES)
@@ -65,8 +66,13 @@ def smollm2_r16(smollm2_dir, tmp_path_factory):
     return compress(smollm2_dir, out, "pca", 16, "--calib-tokens", "4096")
 
 
-def test_smollm2_r16_matches_transformers_and_fits_1_6x_the_tokens(smollm2_r16, smollm2_runs):
-    error, run = prompt_logprob_error(smollm2_r16, engine={"block_size": 32})
+@pytest.fixture(scope="module")
+def smollm2_r16_run(smollm2_r16):
+    return prompt_logprob_error(smollm2_r16, engine={"block_size": 32})
+
+
+def test_smollm2_r16_matches_transformers_and_fits_1_6x_the_tokens(smollm2_r16_run, smollm2_runs):
+    error, run = smollm2_r16_run
     assert error < 1e-3, error
     # Same KV cache space (VLLM_CPU_KVCACHE_SPACE), same block size, original model on thinkv:
     original = smollm2_runs[1]
@@ -75,11 +81,25 @@ def test_smollm2_r16_matches_transformers_and_fits_1_6x_the_tokens(smollm2_r16, 
     assert abs(ratio / (2 * 64 / (16 + 64)) - 1) < 0.02, ratio
 
 
-def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path):
-    offline = compress(tiny_llama_dir, tmp_path / "offline", "pca", 32)
+def test_smollm2_joint_r16_matches_transformers_with_the_capacity_of_per_head_r16(smollm2_dir, smollm2_r16_run,
+                                                                                   tmp_path):
+    """One key latent shared by SmolLM2's 3 KV heads (48 dims, split 16 per KV-head slot): the
+    same bytes per token as per-head rank 16, so exactly as many KV blocks."""
+    thin = compress(smollm2_dir, tmp_path / "joint16", "joint", 16, "--calib-tokens", "4096")
+    assert load(thin).config.thinkv["share_group"] == 3
+    error, run = prompt_logprob_error(thin, engine={"block_size": 32})
+    assert run["attention_impls"] == [THINKV_IMPL]
+    assert error < 1e-3, error
+    assert run["num_gpu_blocks"] == smollm2_r16_run[1]["num_gpu_blocks"]
+
+
+@pytest.mark.parametrize("method", ["pca", "joint"])
+def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path, method):
+    # no calib_ctx at load time: the engine calibrates at its max_model_len (2048), as offline here
+    offline = compress(tiny_llama_dir, tmp_path / "offline", method, 32, "--calib-ctx", "2048")
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = prompts_from_text(tok, packaged_text(), [50, 120])
-    overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 32}}
+    overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": method, "rank": 32}}
     spec = {"model": str(tiny_llama_dir), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
     run = run_engine(spec)
@@ -125,6 +145,7 @@ def test_malformed_checkpoint_is_rejected_naming_the_tensor(tiny_llama_dir, tmp_
 
 
 @pytest.mark.parametrize("method,form,warns", [("pca", "post_rope_projection", True), ("svd", "rope_subspace", True),
+                                               ("joint", "shared_projection", True),
                                                ("pairs", "rope_subspace", False)])
 def test_serving_beyond_the_calibration_window_warns(monkeypatch, method, form, warns):
     """pca and svd were measured to lose quality past their calibration window; pairs is exact under RoPE."""

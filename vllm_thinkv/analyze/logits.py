@@ -1,6 +1,7 @@
 """The rank r at which each thin-key method reproduces the attention logits.
 
-The methods are the package's own (`vllm_thinkv.compress`: pairs, pca, svd),
+The methods are the package's own (`vllm_thinkv.compress`: pairs, pca, svd, joint;
+joint with the share group `thinkv compress` would pick at each rank),
 fitted per layer on the calibration split's statistics and run as the thin
 model runs them (`hf.thin_attention.ThinKVAttention.thin_qk`, including the
 thin r-dim RoPE of the rope_subspace form). Quality is the held-out relative
@@ -25,10 +26,10 @@ from torch import nn
 from vllm_thinkv.compress import METHODS as COMPRESS_METHODS
 from vllm_thinkv.compress.base import ModelInfo
 from vllm_thinkv.compress.calibrate import LayerStats as CalibrationStats
-from vllm_thinkv.config import form_for
+from vllm_thinkv.config import CompressRequest, form_for
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.capture import LayerAttention, attention_modules
-from vllm_thinkv.hf.thin_attention import ThinKVAttention
+from vllm_thinkv.hf.thin_attention import ThinKVAttention, shared_keys
 from vllm_thinkv.hf.thin_model import load_thin_tensors
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ThinQK:
-    """One layer's thin attention at one rank: attention inputs -> (q~ [T, H, r], k~ [T, Hkv, r]), RoPE'd."""
+    """One layer's thin attention at one rank: attention inputs -> (q~ [T, H, S·r], k~ [T, Hkv, S·r]), RoPE'd
+    (S = 1 unless the key latent is shared: then k~ is each KV head's group latent)."""
 
     module: ThinKVAttention
 
@@ -45,6 +47,7 @@ class ThinQK:
         t = att.hidden.shape[0]
         positions = torch.arange(t, device=att.hidden.device)[None]  # capture runs windows from position 0
         q, k = self.module.thin_qk(att.hidden[None], positions, (att.cos[None], att.sin[None]))
+        k = shared_keys(k, self.module.share_group)
         return q[0].transpose(0, 1), k[0].transpose(0, 1)
 
 
@@ -68,13 +71,15 @@ def fit_methods(
             skipped[name] = str(e)
             log.warning("method %s does not apply to this model: %s", name, e)
             continue
-        method = method_cls()
+        shares = {r: CompressRequest(name, rank=r).share_group_for(info.num_kv_heads) for r in ranks}
+        methods = {s: (method_cls(share_group=s) if s > 1 or name == "joint" else method_cls())
+                   for s in set(shares.values())}
         for layer, (attn, stats) in enumerate(zip(attention_modules(model), calibration)):
-            fit = method.fit(stats, info, form)
+            fits = {s: m.fit(stats, info, form) for s, m in methods.items()}
             maps[layer][name] = {}
             for r in ranks:
-                thin = ThinKVAttention(attn, form, r)
-                load_thin_tensors(thin, fit.tensors(attn, r))
+                thin = ThinKVAttention(attn, form, r, shares[r])
+                load_thin_tensors(thin, fits[shares[r]].tensors(attn, r))
                 maps[layer][name][r] = ThinQK(thin.eval())
     return maps, skipped
 

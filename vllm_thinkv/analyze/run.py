@@ -119,6 +119,7 @@ def _calibration(stats: LayerStats, shape: AttentionShape) -> CalibrationStats:
         cq_post=torch.stack([moments("q_rope", range(h * g, (h + 1) * g)) for h in kv]).cpu() / n,
         ck_post=torch.stack([moments("k_rope", range(h, h + 1)) for h in kv]).cpu() / n,
         tokens=int(n),
+        ck_joint=stats.full_gram("k_rope", "fit")[:-1, :-1].cpu() / n,  # all KV heads' keys stacked
     )
 
 

@@ -101,9 +101,16 @@ def selection_for(vllm_config, head_size: int, has_sliding_window: bool = False)
     )
 
 
-def thin_model_backend(vllm_config, ranks: list[int] | tuple[int, ...]) -> type[ThinKVBackend]:
-    """The backend a thin model's layers use, after both checks (one per distinct rank)."""
+def thin_model_backend(vllm_config, ranks: list[int] | tuple[int, ...], share_group: int = 1) -> type[ThinKVBackend]:
+    """The backend a thin model's layers use, after both checks (one per distinct rank).
+    `share_group`: KV heads per key latent (method joint)."""
     backend = check_deployment(vllm_config)
+    if share_group > 1 and SnapKVConfig.from_hf_config(vllm_config.model_config.hf_config) is not None:
+        # SnapKV keeps different prompt tokens per KV head; a shared key needs all S slots of a token.
+        raise ThinKVError(
+            f"thinkv SnapKV does not support a key latent shared by {share_group} KV heads (method joint) yet: SnapKV "
+            "keeps different prompt tokens per KV head. Use a per-head method (pca, pairs, svd) with SnapKV"
+        )
     for rank in sorted(set(ranks)):
         check_selection(backend, selection_for(vllm_config, rank))
     return backend

@@ -17,7 +17,7 @@ from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_qk_head_dim
+from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_key_share, check_qk_head_dim
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -65,16 +65,21 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             raise _unsupported("attention sinks")
         if extra_impl_args.get("chunk_lookback", -1) > -1:
             raise _unsupported("chunked attention with lookback")
+        # key_share: the thin models' shared key latent (`models.attention`), S KV-head slots per key
+        key_share = extra_impl_args.pop("key_share", 1)
         unknown = {k: v for k, v in extra_impl_args.items() if k not in ("sinks", "chunk_lookback") and v}
         if unknown:
             raise _unsupported(f"the attention options {sorted(unknown)}")
         # d is checked against the cache spec in ThinKVBackend.customize_spec.
         check_qk_head_dim(head_size)
+        num_kv_heads = num_kv_heads or num_heads
+        check_key_share(key_share, num_kv_heads, head_size)
 
         self.num_heads = num_heads
         self.head_size = head_size  # r, the query/key size
         self.scale = float(scale)
-        self.num_kv_heads = num_kv_heads or num_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_share = key_share
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
@@ -113,11 +118,13 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query [T, H, r] -> output [T, H, d] (written in place)."""
+        """query [T, H, r] (shared keys: [T·S, H, r], vLLM's view of [T, H, S·r]) -> output [T, H, d] (in place)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("thinkv backend: fused output quantization is not supported")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
+        if self.key_share > 1:  # vLLM viewed the S·r-wide query as S rows of r per token: view it back
+            query = query.reshape(output.shape[0], self.num_heads, self.key_share * self.head_size)
         n = attn_metadata.num_actual_tokens
         key_cache, value_cache = self._split_cache(kv_cache)
         if attn_metadata.snapkv_step is not None:
@@ -136,6 +143,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             gaps=attn_metadata.gaps,
             max_seqlen_q=attn_metadata.max_query_len,
             max_seqlen_k=attn_metadata.max_seq_len,
+            key_share=self.key_share,
         )
         return output
 

@@ -24,18 +24,21 @@ from torch import nn
 import vllm_thinkv
 from vllm_thinkv.compress.base import Method, ModelInfo
 from vllm_thinkv.compress.calibrate import LayerStats, collect_statistics
+from vllm_thinkv.compress.joint import Joint
 from vllm_thinkv.compress.pairs import Pairs
 from vllm_thinkv.compress.pca import Pca
 from vllm_thinkv.compress.ranks import allocate_ranks
+from vllm_thinkv.compress import target as target_ranks
 from vllm_thinkv.compress.svd import Svd
-from vllm_thinkv.config import CompressRequest, ThinKVConfig, check_rank, form_for
+from vllm_thinkv.config import CompressRequest, ThinKVConfig, check_rank, check_share_divides, check_share_group, form_for
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.capture import attention_modules
 from vllm_thinkv.hf.windows import windows_from_files
+from vllm_thinkv.kernels.checks import MAX_HEAD_DIM, QK_MULTIPLE
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, type[Method]] = {"pairs": Pairs, "pca": Pca, "svd": Svd}
+METHODS: dict[str, type[Method]] = {"pairs": Pairs, "pca": Pca, "svd": Svd, "joint": Joint}
 
 
 def calibration_windows(tokenizer, request: CompressRequest, skip_chars: int = 5000) -> tuple[torch.Tensor, dict]:
@@ -43,6 +46,9 @@ def calibration_windows(tokenizer, request: CompressRequest, skip_chars: int = 5
     files (each skipping `skip_chars` of front matter; `calib_tokens` spread evenly
     over them), or the packaged public-domain text when it names none.
     Raises ThinKVError on too little text."""
+    if request.calib_ctx is None:
+        raise ThinKVError("the calibration window is not set: resolve the request for its serving length "
+                          "(CompressRequest.for_serving) first")
     n_windows = request.calib_tokens // request.calib_ctx
     if n_windows < 1:
         raise ThinKVError(f"calib_tokens {request.calib_tokens} is less than one window of calib_ctx {request.calib_ctx}")
@@ -51,8 +57,9 @@ def calibration_windows(tokenizer, request: CompressRequest, skip_chars: int = 5
     )
 
 
-def validate_request(model: nn.Module, request: CompressRequest | ThinKVConfig) -> tuple[ModelInfo, str]:
-    """All start-up checks (architecture, RoPE, ranks); returns the model info and thin form."""
+def validate_request(model: nn.Module, request: CompressRequest | ThinKVConfig) -> tuple[ModelInfo, str, int]:
+    """All start-up checks (architecture, RoPE, ranks, share group); returns the model
+    info, the thin form and the share group (KV heads per key latent)."""
     info = ModelInfo.of(model)
     if any(type(a).__name__ == "ThinKVAttention" for a in attention_modules(model)):
         raise ThinKVError("the model is already thin-key compressed; compress the original checkpoint")
@@ -64,9 +71,13 @@ def validate_request(model: nn.Module, request: CompressRequest | ThinKVConfig) 
             raise ThinKVError(f"{request.num_layers} ranks given for a model with {len(attention_modules(model))} layers")
         for i, r in enumerate(request.ranks):
             check_rank(r, info.head_dim, request.method, what=f"rank of layer {i}")
+        share = request.share_group
+        check_share_divides(share, info.num_kv_heads)
     else:
         request.check_head_dim(info.head_dim)
-    return info, form
+        share = request.share_group_for(info.num_kv_heads)
+        check_share_group(share, [request.nominal_rank], request.method)
+    return info, form, share
 
 
 def compress_model(
@@ -82,21 +93,57 @@ def compress_model(
     """Calibrate and compress (see module docstring). `stats` reuses a previous
     `collect_statistics` pass (one pass serves every method and rank);
     `method` overrides the method's default parameters."""
-    info, form = validate_request(model, request)
-    method = method or METHODS[request.method]()
+    info, form, share = validate_request(model, request)
+    method = method or (Joint(share_group=share) if request.method == "joint" else METHODS[request.method]())
     if method.name != request.method:
         raise ThinKVError(f"method object {method.name!r} does not match the request's {request.method!r}")
+    if getattr(method, "share_group", 1) != share:
+        raise ThinKVError(f"method object's share_group {method.share_group} does not match the request's {share}")
+    target = getattr(request, "target", None)
+    heldout = None
+    if target is not None and target[0] == "ppl_increase":
+        # fit on the first three quarters of the calibration windows, measure PPL on the rest
+        if calib_windows is None or stats is not None or calib_windows.shape[0] < 2:
+            raise ThinKVError("a PPL target needs at least 2 calibration windows (the last quarter is held out "
+                              "to measure perplexity), not precomputed statistics")
+        held = max(1, calib_windows.shape[0] // 4)
+        calib_windows, heldout = calib_windows[:-held], calib_windows[-held:]
     if stats is None:
         if calib_windows is None:
             raise ThinKVError("compress_model needs calib_windows (or precomputed stats)")
         stats = collect_statistics(model, calib_windows, progress)
     fits = [method.fit(s, info, form) for s in stats]
+    # a shared key is share × rank wide: cap the per-layer ranks at the kernels' width
+    top = min(info.head_dim, MAX_HEAD_DIM // share // QK_MULTIPLE * QK_MULTIPLE)
+    target_record: dict[str, Any] | None = None
     if isinstance(request, ThinKVConfig):
         ranks = list(request.ranks)
     elif request.rank is not None:
         ranks = [request.rank] * len(fits)
+    elif request.rank_budget is not None:
+        ranks = allocate_ranks(fits, request.rank_budget, top)
+    elif target[0] == "logit_error":
+        ranks = target_ranks.ranks_for_logit_error(fits, target[1], top)
+        target_record = {"logit_error": target[1]}
     else:
-        ranks = allocate_ranks(fits, request.rank_budget, info.head_dim)
+        from vllm_thinkv.eval.ppl import perplexity
+
+        original = perplexity(model, heldout, progress=False).ppl
+
+        def cfg_for(r: list[int]) -> ThinKVConfig:
+            return ThinKVConfig(method=request.method, form=form, ranks=tuple(r), head_dim=info.head_dim,
+                                share_group=share)
+
+        thin_ppl = target_ranks.thin_ppl_function(model, fits, cfg_for, heldout)
+        ranks, search = target_ranks.ranks_for_ppl_increase(fits, target[1], top, thin_ppl, original)
+        target_record = {"ppl_increase": target[1], "heldout_windows": int(heldout.shape[0]),
+                         "original_ppl": round(original, 4), "ppl_by_mean_rank": {
+                             str(k): round(v, 4) for k, v in sorted(search.measured.items())}}
+    if target_record is not None:
+        target_record.update(predicted_relative_logit_error=round(target_ranks.relative_error(fits, ranks), 6),
+                             capacity_gain=round(target_ranks.capacity_gain(ranks, info.head_dim), 4))
+        log.info("quality target %s: ranks %s (mean %.1f), %.2fx the KV tokens", target_record, ranks,
+                 sum(ranks) / len(ranks), target_record["capacity_gain"])
     tensors: dict[str, torch.Tensor] = {}
     for i, (attn, fit, r) in enumerate(zip(attention_modules(model), fits, ranks)):
         for name, t in fit.tensors(attn, r).items():
@@ -106,13 +153,15 @@ def compress_model(
         {
             "method_params": method.params(),
             "rank_budget": getattr(request, "rank_budget", None),
+            **({"target": target_record} if target_record is not None else {}),
             "predicted_logit_mse": [round(f.error(r), 6) for f, r in zip(fits, ranks)],
             "vllm_thinkv": vllm_thinkv.__version__,
             "date": datetime.date.today().isoformat(),
         }
     )
     cfg = ThinKVConfig(
-        method=request.method, form=form, ranks=tuple(ranks), head_dim=info.head_dim, calibration=calibration
+        method=request.method, form=form, ranks=tuple(ranks), head_dim=info.head_dim, calibration=calibration,
+        share_group=share,
     )
     log.info("compressed with %s (%s): ranks %s", cfg.method, cfg.form, ranks)
     return cfg, tensors

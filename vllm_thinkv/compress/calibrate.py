@@ -8,6 +8,9 @@ query heads of the group, because all of them share the KV head's basis):
   as ``x_i + j·x_{i+d/2}``, which RoPE multiplies by ``e^{j θ_i t}``).
 * post-RoPE, real: ``cq_post``/``ck_post [Hkv, d, d]`` (what `pca` needs; these
   depend on the calibration positions, 0..ctx-1).
+* post-RoPE keys of all KV heads stacked: ``ck_joint [Hkv·d, Hkv·d]`` (what
+  `joint` needs: the cross-head covariance that per-head bases cannot use),
+  weighted by the attention a token receives averaged over the KV heads.
 
 Keys are weighted by the attention they receive (w_n = attention mass key n gets
 from all queries of the group's heads, averaged over heads; mean 1 over keys).
@@ -56,10 +59,12 @@ class LayerStats:
     cq_post: torch.Tensor  # float64 [Hkv, d, d], summed over the group's query heads
     ck_post: torch.Tensor  # float64 [Hkv, d, d], attention-weighted
     tokens: int = 0
+    ck_joint: torch.Tensor | None = None  # float64 [Hkv·d, Hkv·d], weighted by the KV heads' mean attention
 
     def means(self) -> LayerStats:
         n = max(self.tokens, 1)
-        return LayerStats(self.cq_pre / n, self.ck_pre / n, self.cq_post / n, self.ck_post / n, self.tokens)
+        joint = None if self.ck_joint is None else self.ck_joint / n
+        return LayerStats(self.cq_pre / n, self.ck_pre / n, self.cq_post / n, self.ck_post / n, self.tokens, joint)
 
 
 def complex_pairs(c: torch.Tensor) -> torch.Tensor:
@@ -125,18 +130,20 @@ class _Accumulator:
         # RoPE in the model's dtype (what it attends with), then float64
         q_rope, k_rope = _kv_major(la.q_rope, hkv), _kv_major(la.k_rope, hkv)
         w = _received_attention(q_rope, k_rope, ATTENTION_BLOCK) / g  # [Hkv, T], mean 1
+        stacked = k_rope.transpose(0, 1).flatten(1)  # [T, Hkv·d]: token t's keys of all KV heads
         update = LayerStats(
             cq_pre=_gram(_kv_major(la.q, hkv)),
             ck_pre=_weighted_gram(_kv_major(la.k, hkv), w),
             cq_post=_gram(q_rope),
             ck_post=_weighted_gram(k_rope, w),
             tokens=la.q.shape[0],
+            ck_joint=(stacked * w.mean(0)[:, None]).T @ stacked,
         )
         cur = self.stats[la.layer]
         if cur is None:
             self.stats[la.layer] = update
         else:
-            for f in ("cq_pre", "ck_pre", "cq_post", "ck_post"):
+            for f in ("cq_pre", "ck_pre", "cq_post", "ck_post", "ck_joint"):
                 getattr(cur, f).add_(getattr(update, f))
             cur.tokens += update.tokens
 

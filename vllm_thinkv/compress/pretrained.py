@@ -14,11 +14,24 @@ import torch
 from torch import nn
 
 from vllm_thinkv.compress.api import calibration_windows, compress_model
-from vllm_thinkv.config import ARCHITECTURES, STATIC_ROPE_TYPES, CompressRequest, ThinKVConfig, form_for, rope_type
+from vllm_thinkv.config import (
+    ARCHITECTURES,
+    DEFAULT_CALIB_CTX,
+    STATIC_ROPE_TYPES,
+    CompressRequest,
+    ThinKVConfig,
+    form_for,
+    rope_type,
+)
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.thin_model import read_config
 
 log = logging.getLogger(__name__)
+
+
+def serving_length(raw: dict) -> int:
+    """The longest context a checkpoint serves by default (its max_position_embeddings)."""
+    return int(raw.get("max_position_embeddings") or DEFAULT_CALIB_CTX)
 
 
 def precheck(model_dir: str | Path, request: CompressRequest) -> dict:
@@ -32,6 +45,7 @@ def precheck(model_dir: str | Path, request: CompressRequest) -> dict:
         raise ThinKVError(f"unsupported architecture {archs}; thinkv supports {', '.join(ARCHITECTURES)}")
     head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
     request.check_head_dim(head_dim)
+    request.share_group_for(raw.get("num_key_value_heads") or raw["num_attention_heads"])
     if form_for(request.method, arch) == "rope_subspace":
 
         class _Cfg:  # rope_type() reads attributes
@@ -66,7 +80,8 @@ def compress_pretrained(
     the loaded original model — unchanged, for `make_thin` or the vLLM loader)."""
     from transformers import AutoTokenizer
 
-    precheck(model_dir, request)
+    raw = precheck(model_dir, request)
+    request = request.for_serving(serving_length(raw))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     windows, provenance = calibration_windows(tokenizer, request, skip_chars=skip_chars)
     provenance["source"] = str(Path(model_dir).resolve())

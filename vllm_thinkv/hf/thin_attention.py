@@ -13,6 +13,11 @@ the original softmax scale d**-0.5:
   Qwen3's q/k norms) and the original RoPE at full d, then
   ``q̃_h = q_hᵀ · q_basis[h // g]`` and ``k̃ = kᵀ · k_basis[kv]`` with
   ``q_basis``/``k_basis [Hkv, d, r]``.
+* ``shared_projection`` (joint): as above, but one latent per group of S KV
+  heads, ``z_s = k_basis[s]ᵀ [k_{sS}; …; k_{sS+S-1}]`` (``k_basis [Hkv/S, S·d, S·r]``),
+  cached as the group's S slots of r dims; query head h (KV head g = h // g)
+  scores ``q_basis[g]ᵀ q_h`` (``[Hkv, d, S·r]``) against the concatenated slots
+  of its group (`shared_keys`).
 
 Everything else (v_proj, o_proj, masks, sliding windows, the attention kernel
 chosen by transformers) is the original module's.
@@ -23,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vllm_thinkv.hf.capture import rotate_half
@@ -54,6 +60,26 @@ def project_heads(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, n, t, basis.shape[-1])
 
 
+def shared_keys(k: torch.Tensor, share: int) -> torch.Tensor:
+    """Cached key slots [B, Hkv, T, r] -> each KV head's shared key [B, Hkv, T, S·r]: the
+    concatenated slots of its group of S heads (what the kernels' key_share mode reads)."""
+    if share == 1:
+        return k
+    b, hkv, t, r = k.shape
+    z = k.view(b, hkv // share, share, t, r).transpose(2, 3).reshape(b, hkv // share, t, share * r)
+    return z.repeat_interleave(share, dim=1)
+
+
+def project_shared_keys(k: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys [B, Hkv, T, d] · basis [Hkv/S, S·d, S·r] -> latent slots [B, Hkv, T, r]."""
+    b, hkv, t, d = k.shape
+    groups, _, width = basis.shape
+    share = hkv // groups
+    stacked = k.view(b, groups, share, t, d).transpose(2, 3).reshape(b, groups, t, share * d)
+    z = stacked @ basis.to(k.dtype)[None]  # [B, Hkv/S, T, S·r]
+    return z.view(b, groups, t, share, width // share).transpose(2, 3).reshape(b, hkv, t, width // share)
+
+
 class ThinKVAttention(nn.Module):
     """Replaces one Llama-family `self_attn` module with its thin-key version.
 
@@ -62,7 +88,7 @@ class ThinKVAttention(nn.Module):
     given rank and filled by `load_thin_tensors` or `compress_model`'s output.
     """
 
-    def __init__(self, orig: nn.Module, form: str, rank: int):
+    def __init__(self, orig: nn.Module, form: str, rank: int, share_group: int = 1):
         super().__init__()
         cfg = orig.config
         self.config = cfg
@@ -70,6 +96,7 @@ class ThinKVAttention(nn.Module):
         self.head_dim = orig.head_dim  # d: the value head size (and the original q/k size)
         self.rank = rank
         self.form = form
+        self.share_group = share_group  # KV heads per key latent (shared_projection), else 1
         self.num_key_value_groups = orig.num_key_value_groups
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -96,6 +123,13 @@ class ThinKVAttention(nn.Module):
             shape = (self.num_kv_heads, self.head_dim, rank)
             self.q_basis = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
             self.k_basis = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        elif form == "shared_projection":
+            self.q_proj, self.k_proj = orig.q_proj, orig.k_proj
+            self.q_norm = getattr(orig, "q_norm", None)
+            self.k_norm = getattr(orig, "k_norm", None)
+            s, d = share_group, self.head_dim
+            self.q_basis = nn.Parameter(torch.zeros(self.num_kv_heads, d, s * rank, dtype=dtype, device=device))
+            self.k_basis = nn.Parameter(torch.zeros(self.num_kv_heads // s, s * d, s * rank, dtype=dtype, device=device))
         else:
             raise ValueError(f"unknown thin form {form!r}")
 
@@ -114,7 +148,7 @@ class ThinKVAttention(nn.Module):
         position_ids: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [B, T, hidden] -> RoPE'd thin q [B, H, T, r], k [B, Hkv, T, r]."""
+        """hidden [B, T, hidden] -> RoPE'd thin q [B, H, T, S·r] (S = 1 unless shared), k slots [B, Hkv, T, r]."""
         b, t, _ = hidden_states.shape
         if self.form == "rope_subspace":
             if position_ids is None:
@@ -134,6 +168,8 @@ class ThinKVAttention(nn.Module):
         cos, sin = position_embeddings  # [B, T, d]
         q = apply_rotary(q.transpose(1, 2), cos[:, None], sin[:, None])
         k = apply_rotary(k.transpose(1, 2), cos[:, None], sin[:, None])
+        if self.form == "shared_projection":
+            return project_heads(q, self.q_basis), project_shared_keys(k, self.k_basis)
         return project_heads(q, self.q_basis), project_heads(k, self.k_basis)
 
     def forward(
@@ -152,6 +188,15 @@ class ThinKVAttention(nn.Module):
         v = self.v_proj(hidden_states).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        k = shared_keys(k, self.share_group)
+        # One head width for q/k and v (zero lanes change no score; the padded output lanes are dropped):
+        # torch's fused CPU attention needs equal widths and otherwise materialises every score (measured
+        # 3x slower for a 4k-token passkey prompt, as in `kernels.torch_ops`).
+        width, dv = q.shape[-1], v.shape[-1]
+        if width < dv:
+            q, k = F.pad(q, (0, dv - width)), F.pad(k, (0, dv - width))
+        elif dv < width:
+            v = F.pad(v, (0, width - dv))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -166,5 +211,5 @@ class ThinKVAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        out = out.reshape(b, t, -1).contiguous()
+        out = out[..., :dv].reshape(b, t, -1).contiguous()
         return self.o_proj(out), weights

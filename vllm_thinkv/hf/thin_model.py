@@ -45,7 +45,7 @@ def make_thin(model: nn.Module, cfg: ThinKVConfig, tensors: Mapping[str, torch.T
     for layer, attn, rank in zip(_decoder_layers(model), attention_modules(model), cfg.ranks):
         if isinstance(attn, ThinKVAttention):
             raise ThinKVError("the model is already thin-key compressed")
-        layer.self_attn = ThinKVAttention(attn, cfg.form, rank)
+        layer.self_attn = ThinKVAttention(attn, cfg.form, rank, cfg.share_group)
     if tensors is not None:
         load_thin_tensors(model, tensors)
     model.config.thinkv = cfg.to_dict()

@@ -8,6 +8,12 @@ vLLM's parallel layers. Two forms (see `vllm_thinkv.config`):
   fp32; rotate_half layout, query head h uses KV head h // g);
 * post_rope_projection: the original q/k and RoPE at full d, then per-KV-head
   bases: q̃ = qᵀ·q_basis, k̃ = kᵀ·k_basis (`[Hkv, d, r]`).
+* shared_projection: as above, but one key latent per group of S KV heads,
+  z = [k_1; …; k_S]ᵀ·k_basis (`[Hkv/S, S·d, S·r]`), written as the group's S
+  cache slots of r; q̃_h = q_hᵀ·q_basis (`[Hkv, d, S·r]`). The layer passes
+  `key_share=S` to the backend, which scores each query head against its
+  group's concatenated slots. vLLM's `Attention` views the S·r-wide query as
+  S rows of r per token; the backend views it back (`ThinKVImpl.forward`).
 
 Either way the layer hands q [T, H·r], k [T, Hkv·r], v [T, Hkv·d] to vLLM's
 `Attention(head_size=r, head_size_v=d)` with the original d^-0.5 scale, so the
@@ -68,6 +74,13 @@ class ThinKVAttention(nn.Module):
                 f"({num_kv_heads}): each rank holds whole KV heads with their bases"
             )
         self.form = thin.form
+        self.share = share = thin.share_group
+        if (num_kv_heads // tp_size) % share:
+            raise ThinKVError(
+                f"this thin checkpoint shares one key latent among {share} KV heads, which tensor parallelism "
+                f"{tp_size} splits ({num_kv_heads} KV heads, {num_kv_heads // tp_size} per rank): use a "
+                f"tensor-parallel size that keeps each share group on one rank"
+            )
         self.head_dim = d = getattr(config, "head_dim", None) or hidden_size // num_heads
         self.rank = r = thin.ranks[extract_layer_index(prefix)]
         self.num_heads = num_heads // tp_size
@@ -82,8 +95,9 @@ class ThinKVAttention(nn.Module):
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_norm = self.k_norm = None
         if model_type == "qwen3":
-            if self.form != "post_rope_projection":
-                raise ThinKVError("Qwen3 thin checkpoints must use the post_rope_projection form (per-head q/k norms)")
+            if self.form == "rope_subspace":
+                raise ThinKVError("Qwen3 thin checkpoints must use a post-RoPE form (post_rope_projection or "
+                                  "shared_projection): its per-head q/k norms sit before RoPE")
             self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
         if self.form == "rope_subspace":
@@ -91,11 +105,12 @@ class ThinKVAttention(nn.Module):
         else:
             self.rotary_emb = get_rope(d, max_position=max_position_embeddings,
                                        rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
-            self.q_basis = self._kv_head_parameter((self.num_kv_heads, d, r), None)
-            self.k_basis = self._kv_head_parameter((self.num_kv_heads, d, r), None)
+            self.q_basis = self._kv_head_parameter((self.num_kv_heads, d, share * r), None)
+            self.k_basis = self._kv_head_parameter((self.num_kv_heads // share, share * d, share * r), None)
+        shared = {"key_share": share} if share > 1 else {}  # an extra impl argument, for the backend alone
         self.attn = Attention(self.num_heads, r, d**-0.5, num_kv_heads=self.num_kv_heads, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn", attn_type=attn_type,
-                              attn_backend=backend, head_size_v=d)
+                              attn_backend=backend, head_size_v=d, **shared)
 
     def _kv_head_parameter(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Parameter:
         """A per-KV-head tensor; each tensor-parallel rank loads its KV heads' rows."""
@@ -120,9 +135,11 @@ class ThinKVAttention(nn.Module):
         return qf.to(q.dtype).view(t, -1), kf.to(k.dtype).view(t, -1)
 
     def _project(self, q: torch.Tensor, k: torch.Tensor):
-        t = q.shape[0]
+        """q [T, H·d], k [T, Hkv·d] -> q̃ [T, H·S·r], cached key slots [T, Hkv·r] (S = 1 unless shared)."""
+        t, groups = q.shape[0], self.num_kv_heads // self.share
         q = torch.einsum("tkgd,kdr->tkgr", q.view(t, self.num_kv_heads, self.group, self.head_dim), self.q_basis)
-        k = torch.einsum("tkd,kdr->tkr", k.view(t, self.num_kv_heads, self.head_dim), self.k_basis)
+        # a share group's S heads are adjacent: [T, Hkv/S, S·d] in, [T, Hkv/S, S·r] = its S slots of r out
+        k = torch.einsum("tkd,kdr->tkr", k.view(t, groups, self.share * self.head_dim), self.k_basis)
         return q.reshape(t, -1), k.reshape(t, -1)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ def _compress_at_load(vllm_config, request: CompressRequest):
     model_dir = vllm_config.model_config.model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("thinkv: compressing %s at load time (%s) on %s", model_dir, request.to_dict(), device)
+    # calibrate at the serving length (vLLM's max_model_len), up to DEFAULT_CALIB_CTX, unless the request names one
+    request = request.for_serving(vllm_config.model_config.max_model_len)
     cfg, tensors, original = compress_pretrained(model_dir, request, device=device, progress=False)
     del original
     if device == "cuda":
@@ -74,7 +76,7 @@ def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None
         logger.warning(
             "thinkv: this %s checkpoint was calibrated on %d-token windows but max_model_len is %d; its thin "
             "q·k was fitted on positions < %d and measured to lose quality beyond them. Compress with "
-            "--calib-ctx %d (load time: \"calib_ctx\": %d; measured to fix pca) or serve with --max-model-len %d.",
+            "--calib-ctx %d (load time: \"calib_ctx\": %d; measured to fix pca and joint) or serve with --max-model-len %d.",
             thin.method, fitted, max_model_len, fitted, max_model_len, max_model_len, fitted,
         )
 
@@ -84,8 +86,13 @@ class ThinKVForCausalLM(LlamaForCausalLM):
         section = thin_section(vllm_config)
         # vLLM's selector never sees a layer built with an explicit backend: check the
         # deployment here, once, and before a load-time compression spends minutes.
-        ranks = section.ranks if isinstance(section, ThinKVConfig) else [section.rank or section.rank_budget]
-        backend = thin_model_backend(vllm_config, ranks)
+        if isinstance(section, ThinKVConfig):
+            ranks, share = section.ranks, section.share_group
+        else:
+            hf_config = vllm_config.model_config.hf_config
+            ranks = [section.rank or section.rank_budget]
+            share = section.share_group_for(hf_config.num_key_value_heads)
+        backend = thin_model_backend(vllm_config, ranks, share)
         thin, thin_tensors = ((section, None) if isinstance(section, ThinKVConfig)
                               else _compress_at_load(vllm_config, section))
         warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)

@@ -39,10 +39,13 @@ def check_model_config(config: Mapping[str, Any]) -> None:
         parsed = parse_thinkv_section(section)
         # (No head size at the top level: not a Llama-family config, which the engine refuses.)
         head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
+        kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
         if head_dim and isinstance(parsed, CompressRequest):
             parsed.check_head_dim(head_dim)
+            if kv_heads:
+                parsed.share_group_for(kv_heads)
         elif head_dim and isinstance(parsed, ThinKVConfig):
-            check_model_sizes(parsed, config.get("num_hidden_layers", parsed.num_layers), head_dim)
+            check_model_sizes(parsed, config.get("num_hidden_layers", parsed.num_layers), head_dim, kv_heads)
     if config.get(HF_CONFIG_KEY) is not None:
         SnapKVConfig.from_dict(config[HF_CONFIG_KEY])
 
