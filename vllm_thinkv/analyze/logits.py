@@ -72,8 +72,7 @@ def fit_methods(
             log.warning("method %s does not apply to this model: %s", name, e)
             continue
         shares = {r: CompressRequest(name, rank=r).share_group_for(info.num_kv_heads) for r in ranks}
-        methods = {s: (method_cls(share_group=s) if s > 1 or name == "joint" else method_cls())
-                   for s in set(shares.values())}
+        methods = {s: method_cls(share_group=s) if name == "joint" else method_cls() for s in set(shares.values())}
         for layer, (attn, stats) in enumerate(zip(attention_modules(model), calibration)):
             fits = {s: m.fit(stats, info, form) for s, m in methods.items()}
             maps[layer][name] = {}

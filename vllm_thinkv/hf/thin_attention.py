@@ -28,10 +28,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm_thinkv.hf.capture import rotate_half
+from vllm_thinkv.kernels.torch_ops import equal_widths
 
 
 def thin_rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,14 +189,10 @@ class ThinKVAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         k = shared_keys(k, self.share_group)
-        # One head width for q/k and v (zero lanes change no score; the padded output lanes are dropped):
-        # torch's fused CPU attention needs equal widths and otherwise materialises every score (measured
-        # 3x slower for a 4k-token passkey prompt, as in `kernels.torch_ops`).
-        width, dv = q.shape[-1], v.shape[-1]
-        if width < dv:
-            q, k = F.pad(q, (0, dv - width)), F.pad(k, (0, dv - width))
-        elif dv < width:
-            v = F.pad(v, (0, width - dv))
+        # One head width for q/k and v (the padded output lanes are dropped): torch's fused CPU attention
+        # needs equal widths and otherwise materialises every score (3x slower on a 4k-token passkey prompt).
+        dv = v.shape[-1]
+        q, k, v = equal_widths(q, k, v)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
