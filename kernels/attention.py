@@ -35,7 +35,8 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     """Causal attention of this step's query tokens over a paged thin-key cache.
 
     Called as paged_attention(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale,
-    out=None, *, gaps=None, key_share=1, max_seqlen_q=None, max_seqlen_k=None, num_splits=None)
+    out=None, *, gaps=None, key_share=1, sliding_window=None, max_seqlen_q=None, max_seqlen_k=None,
+    num_splits=None)
     (`calls.attention_op`).
 
     q [T, H, key_share * r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
@@ -46,6 +47,9 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     gaps: optional [num_seqs, 2] int32 token ranges [start, end) to skip (start == end:
     none); they must lie in the cached context (end <= seq_len - q_len), and their
     cache slots are never read.
+    sliding_window: None (causal) or W >= 1: key p is visible to the query at t iff t - W < p <= t
+    (vLLM's convention); KV tiles wholly left of a program's window are never visited and
+    positions left of it never read (vLLM frees those blocks).
     key_share: S KV heads share one key (S divides Hkv, S * r <= 256; 1: per-head keys).
     A compression method that learns one key latent per group of S KV heads stores it
     split across their S key cache slots (r dims each, ascending head order; write_kv is
@@ -92,8 +96,10 @@ def plan_attention(
     decode_max_q = decode_cfg.block_m // shape.group
     has_prefill = max_seqlen_q > decode_max_q
     if num_splits is None:
-        num_splits = 1 if has_prefill else launch.decode_splits(shape.num_seqs, shape.num_kv_heads, max_seqlen_k,
-                                                                facts)
+        # A decode program reads at most sliding_window + DECODE_MAX_Q - 1 keys: split by that, not the context.
+        longest = max_seqlen_k if call.sliding_window is None else min(max_seqlen_k,
+                                                                       call.sliding_window + decode_max_q - 1)
+        num_splits = 1 if has_prefill else launch.decode_splits(shape.num_seqs, shape.num_kv_heads, longest, facts)
     qk_pad, d_pad = launch.head_pads(shape.qk, shape.d)
     if num_splits > 1:
         partial = (shape.num_tokens, shape.num_heads, num_splits)
@@ -106,14 +112,15 @@ def plan_attention(
     args = (
         out, part_out, part_lse, q, key_cache, value_cache, block_table, call.cu_seqlens_q, call.seq_lens,
         gaps if has_gap else call.seq_lens,  # any int32 pointer when unused
-        call.scale * LOG2E, shape.num_seqs, shape.num_heads,
+        call.scale * LOG2E, shape.num_seqs, shape.num_heads, call.sliding_window or 0,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         *(gaps.stride() if has_gap else (0, 0)),
     )
     kv_aligned = all(s % 8 == 0 for s in key_cache.stride()[:3] + value_cache.stride()[:3])
     common = dict(
         GROUP=shape.group, R=shape.r, KEY_SHARE=shape.key_share, QK_PAD=qk_pad, D=shape.d, D_PAD=d_pad,
-        BLOCK_SIZE=shape.block_size, DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap, KV_ALIGNED=kv_aligned,
+        BLOCK_SIZE=shape.block_size, DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap,
+        HAS_WINDOW=call.sliding_window is not None, KV_ALIGNED=kv_aligned,
         UPCAST=launch.interpreting(),
     )
 

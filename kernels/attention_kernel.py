@@ -15,8 +15,16 @@ whole group. Two launch shapes use it (see `attention.py`):
   q_len > DECODE_MAX_Q; KV tiles past the block's last query are never visited
   (causal tile skipping).
 
+Sliding window (HAS_WINDOW): key position p is visible to a query at t iff
+t - sliding_window < p <= t (vLLM's convention). A program starts at the tile that
+holds the window start of its first query row, so the tiles wholly left of every
+row's window are never visited (work per query token O(window), not O(context)),
+and positions left of the first row's window are never loaded (vLLM frees the blocks
+that slid out of the window; their block-table entries point at the null block).
+Split-KV divides only the tiles in the window. HAS_WINDOW=False removes all window code.
+
 Masking is by position: key position p is visible to a row whose query sits at
-absolute position t iff p <= t and p is outside the sequence's gap [lo, hi).
+absolute position t iff p <= t (and t - sliding_window < p with a window) and p is outside the sequence's gap [lo, hi).
 Positions that no row of the tile can see are never loaded (masked loads read
 nothing, so unwritten cache slots and garbage block-table entries are never
 dereferenced), masked V rows load as 0 (0 * NaN would poison P·V), and KV tiles
@@ -87,6 +95,7 @@ def paged_attention_kernel(
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
     num_heads,
+    sliding_window,  # tokens a query sees, itself included (unused unless HAS_WINDOW)
     stride_q_t, stride_q_h, stride_q_c,
     stride_o_t, stride_o_h, stride_o_c,
     stride_k_b, stride_k_s, stride_k_h, stride_k_c,
@@ -107,6 +116,7 @@ def paged_attention_kernel(
     DECODE_MAX_Q: tl.constexpr,  # sequences with q_len <= this belong to the decode launch
     NUM_SPLITS: tl.constexpr,
     HAS_GAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     KV_ALIGNED: tl.constexpr,  # cache block/slot/head strides are multiples of 8 elements
     UPCAST: tl.constexpr,
 ):
@@ -158,18 +168,25 @@ def paged_attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
 
-    # ---- KV tiles to visit: [0, kv_end) minus whole tiles inside the gap, split evenly ----
+    # ---- KV tiles to visit: [kv_start, kv_end) minus whole tiles inside the gap, split evenly ----
     kv_end = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, TILE_N)
+    if HAS_WINDOW:
+        # The window start of the block's first query: no row of this program sees a key left of it.
+        kv_start = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
+        first_tile = tl.minimum(kv_start // TILE_N, num_tiles)
+    else:
+        first_tile = 0
     if HAS_GAP:
         gap_lo = tl.load(gaps_ptr + seq * stride_gap_s)
         gap_hi = tl.load(gaps_ptr + seq * stride_gap_s + stride_gap_e)
-        skip_lo = tl.minimum(tl.cdiv(gap_lo, TILE_N), num_tiles)  # first tile fully inside the gap
+        # first tile fully inside the gap (and at or after the first tile visited)
+        skip_lo = tl.minimum(tl.maximum(tl.cdiv(gap_lo, TILE_N), first_tile), num_tiles)
         skip_hi = tl.maximum(tl.minimum(gap_hi // TILE_N, num_tiles), skip_lo)
         num_skip = skip_hi - skip_lo
     else:
         num_skip = 0
-    live_tiles = num_tiles - num_skip
+    live_tiles = num_tiles - first_tile - num_skip
     tiles_per_split = tl.cdiv(live_tiles, NUM_SPLITS)
     it_lo = split * tiles_per_split
     it_hi = tl.minimum(it_lo + tiles_per_split, live_tiles)
@@ -186,12 +203,13 @@ def paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for it in range(it_lo, it_hi):
+        tile = first_tile + it
         if HAS_GAP:
-            tile = tl.where(it >= skip_lo, it + num_skip, it)  # jump over the tiles inside the gap
-        else:
-            tile = it
+            tile = tl.where(tile >= skip_lo, tile + num_skip, tile)  # jump over the tiles inside the gap
         pos = tile * TILE_N + offs_n
         col_ok = pos < kv_end
+        if HAS_WINDOW:
+            col_ok = col_ok & (pos >= kv_start)
         if HAS_GAP:
             col_ok = col_ok & ((pos < gap_lo) | (pos >= gap_hi))
         block = tl.load(bt_row + (pos // BLOCK_SIZE) * stride_bt_b, mask=col_ok, other=0).to(tl.int64)
@@ -221,6 +239,8 @@ def paged_attention_kernel(
 
         s = _dot(q, k) * qk_scale
         visible = col_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet

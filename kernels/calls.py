@@ -29,6 +29,7 @@ class AttentionCall:
     scale: float
     gaps: torch.Tensor | None = None  # [num_seqs, 2] int32 ranges [start, end) never read
     key_share: int = 1  # KV heads per shared key latent: a query's key is its share group's S slots, concatenated
+    sliding_window: int | None = None  # key p is visible to query t iff t - sliding_window < p <= t; None: p <= t
     max_seqlen_q: int | None = None  # host-side upper bounds; None: read from the metadata
     max_seqlen_k: int | None = None
 
@@ -79,12 +80,13 @@ def attention_op(impl: AttentionImpl) -> Callable[..., torch.Tensor]:
         *,
         gaps: torch.Tensor | None = None,
         key_share: int = 1,
+        sliding_window: int | None = None,
         max_seqlen_q: int | None = None,
         max_seqlen_k: int | None = None,
         num_splits: int | None = None,
     ) -> torch.Tensor:
         call = AttentionCall(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, gaps,
-                             key_share, max_seqlen_q, max_seqlen_k)
+                             key_share, sliding_window, max_seqlen_q, max_seqlen_k)
         return impl(call, out, num_splits)
 
     return _named_like(op, impl)

@@ -31,6 +31,7 @@ QK_MULTIPLE = 8  # query/key head dims: multiples of 8 (tl.dot pads r < 16 to 16
 V_MULTIPLE = 16  # value head dims: multiples of 16
 BLOCK_SIZE_MULTIPLE = 16  # KV-cache block sizes: whole 16-token tiles
 MIN_COMPUTE_CAPABILITY = (8, 0)  # CUDA: bf16 tensor-core dots
+MAX_SLIDING_WINDOW = 2**31 - 1  # the kernels take the window as an int32 argument
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,19 @@ def check_key_share(key_share: int, num_kv_heads: int, r: int) -> None:
         )
 
 
+def check_sliding_window(sliding_window: int | None) -> None:
+    """None (full causal attention) or a window of 1 to 2^31 - 1 tokens: key p is visible to the
+    query at t iff t - sliding_window < p <= t (vLLM's convention; a window of 1 sees only itself)."""
+    if sliding_window is None:
+        return
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) \
+            or not 1 <= sliding_window <= MAX_SLIDING_WINDOW:
+        raise ThinKVError(
+            f"sliding window {sliding_window!r} is unsupported: it must be None (no window) or an int from 1 to "
+            f"{MAX_SLIDING_WINDOW} (tokens a query sees, itself included)"
+        )
+
+
 def _check_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
     _check_rank(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, r]")
     _check_rank(value_cache, "value_cache", 4, "[num_blocks, block_size, num_kv_heads, d]")
@@ -169,6 +183,7 @@ def attention_shape(call: AttentionCall, out: torch.Tensor | None = None) -> Att
     _check_rank(q, "q", 3, "[num_tokens, num_heads, r]" if key_share == 1 else "[num_tokens, num_heads, key_share * r]")
     _, block_size, num_kv_heads, r, d = _check_caches(key_cache, call.value_cache)
     check_key_share(key_share, num_kv_heads, r)
+    check_sliding_window(call.sliding_window)
     num_tokens, num_heads, q_r = q.shape
     if q.dtype != key_cache.dtype:
         raise ThinKVError(f"q ({q.dtype}) and the caches ({key_cache.dtype}) must have the same dtype")

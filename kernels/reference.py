@@ -22,7 +22,8 @@ def _slot(block_table: torch.Tensor, seq: int, pos: int, block_size: int) -> tup
 
 @attention_op
 def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
-    """[T, H, d] float64: softmax(scale · q·k) · v over positions p <= the query's, outside the gap.
+    """[T, H, d] float64: softmax(scale · q·k) · v over positions p <= the query's (and, with a
+    sliding window W, p > the query's - W), outside the gap.
 
     A query with no visible key gets 0. Same arguments as the ops; returns a new CPU tensor
     (`out` must be None) and ignores the launch hints (max_seqlen_*, num_splits).
@@ -39,7 +40,9 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
         first, last = cu[seq], cu[seq + 1]
         q_len = last - first
         gap_lo, gap_hi = call.gaps[seq].tolist() if call.gaps is not None else (0, 0)
-        kept = [p for p in range(seq_len) if not gap_lo <= p < gap_hi]
+        window = call.sliding_window
+        first_seen = 0 if window is None else max(0, seq_len - q_len - window + 1)  # the first query's window
+        kept = [p for p in range(first_seen, seq_len) if not gap_lo <= p < gap_hi]
         if q_len == 0 or not kept:
             continue
         slots = [_slot(call.block_table, seq, p, block_size) for p in kept]
@@ -47,7 +50,10 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
         values = torch.stack([call.value_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, d]
         positions = torch.tensor(kept)
         for j in range(q_len):
-            visible = positions <= seq_len - q_len + j
+            t = seq_len - q_len + j
+            visible = positions <= t
+            if window is not None:
+                visible &= positions > t - window
             if not visible.any():
                 continue
             for h in range(num_heads):

@@ -3,7 +3,9 @@
 Everything a kernel must not touch is made poisonous: unused cache slots hold NaN,
 block 0 is a NaN "null block" (where vLLM points freed blocks, e.g. blocks SnapKV
 dropped inside a gap), physical blocks are shuffled, and block-table entries past a
-sequence's last block hold random block ids.
+sequence's last block hold random block ids. With a sliding window, the positions
+left of each sequence's first query's window are treated like a gap: never written,
+and their whole blocks are the null block (vLLM frees blocks that slid out of the window).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def random_paged_batch(
     layout: str = "NHD",
     gaps: list[tuple[int, int]] | None = None,
     key_share: int = 1,
+    sliding_window: int | None = None,
     spare_blocks: int = 3,
     seed: int = 0,
 ) -> PagedBatch:
@@ -76,16 +79,25 @@ def random_paged_batch(
     on the CPU from `seed`, so a batch is the same on every device; meant for small sizes.
     The default float32 CPU batch is enough to plan launches (`plan_attention`).
     key_share: q gets key_share * r dims per head (shared keys, `attention.paged_attention`).
+    sliding_window: the call's window; positions no query sees are left NaN / on the null block.
     """
     assert len(q_lens) == len(seq_lens) and all(0 <= ql <= sl for ql, sl in zip(q_lens, seq_lens))
     gen = torch.Generator().manual_seed(seed)
     gaps_list = gaps if gaps is not None else [(0, 0)] * len(seq_lens)
+    # Positions before seen_from[i] lie left of every query's window: never read.
+    seen_from = [0 if sliding_window is None else max(0, sl - ql - sliding_window + 1)
+                 for ql, sl in zip(q_lens, seq_lens)]
+
+    def unread(i: int, p: int) -> bool:
+        lo, hi = gaps_list[i]
+        return p < seen_from[i] or lo <= p < hi
 
     tables: list[list[int]] = []
     needed = 0
-    for sl, (lo, hi) in zip(seq_lens, gaps_list):
+    for i, sl in enumerate(seq_lens):
         n_blocks = -(-sl // block_size)
-        dropped = [lo <= b * block_size and (b + 1) * block_size <= hi for b in range(n_blocks)]
+        dropped = [all(unread(i, p) for p in range(b * block_size, min((b + 1) * block_size, sl)))
+                   for b in range(n_blocks)]
         tables.append([-1 if drop else 0 for drop in dropped])
         needed += n_blocks - sum(dropped)
     num_blocks = 1 + needed + spare_blocks
@@ -100,8 +112,8 @@ def random_paged_batch(
         block_table[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
 
     packed, key_cache, value_cache = packed_kv_cache(num_blocks, block_size, num_kv_heads, r, d, dtype, device, layout)
-    for i, (sl, (lo, hi)) in enumerate(zip(seq_lens, gaps_list)):
-        pos = torch.tensor([p for p in range(sl) if not lo <= p < hi], dtype=torch.long)
+    for i, sl in enumerate(seq_lens):
+        pos = torch.tensor([p for p in range(sl) if not unread(i, p)], dtype=torch.long)
         if len(pos) == 0:
             continue
         blocks = block_table[i, pos // block_size].long().to(device)
@@ -122,6 +134,7 @@ def random_paged_batch(
         scale=(key_share * r) ** -0.5,
         gaps=torch.tensor(gaps_list, dtype=torch.int32, device=device) if gaps is not None else None,
         key_share=key_share,
+        sliding_window=sliding_window,
         max_seqlen_q=max(q_lens, default=0),
         max_seqlen_k=max(seq_lens, default=0),
         packed=packed,

@@ -6,6 +6,9 @@ are gathered block-wise through the block table, so gap slots are never read, an
 `scaled_dot_product_attention` runs with a lower-right causal mask: dropping a gap
 that lies entirely in the cached context keeps the query tokens at the end, so the
 mask stays the standard "query i sees all but the last q_len - 1 - i keys".
+With a sliding window W, gathering starts at the first query's window start (the
+blocks left of it are never read: vLLM frees them) and a boolean mask built from the
+kept keys' positions applies t - W < p <= t; a single query token sees every key gathered.
 
 Shared keys (key_share = S > 1, see `attention.paged_attention`): the gathered keys
 [P, Hkv, r] are viewed as one [P, Hkv / S, S * r] key per share group and repeated S
@@ -34,11 +37,26 @@ def gather_tokens(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: in
     return tokens[start - first * block_size : end - first * block_size]
 
 
-def _kept(cache: torch.Tensor, blocks: torch.Tensor, seq_len: int, gap: tuple[int, int]) -> torch.Tensor:
+def _kept_ranges(start: int, seq_len: int, gap: tuple[int, int]) -> list[tuple[int, int]]:
+    """The non-empty position ranges of [start, seq_len) outside the gap [lo, hi)."""
     lo, hi = gap
     if lo >= hi:
-        return gather_tokens(cache, blocks, 0, seq_len)
-    return torch.cat([gather_tokens(cache, blocks, 0, lo), gather_tokens(cache, blocks, hi, seq_len)])
+        return [(start, seq_len)]
+    ranges = [(start, min(lo, seq_len)), (max(start, hi), seq_len)]
+    return [(a, b) for a, b in ranges if a < b]
+
+
+def _kept(cache: torch.Tensor, blocks: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    parts = [gather_tokens(cache, blocks, a, b) for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _window_mask(ranges: list[tuple[int, int]], seq_len: int, q_len: int, window: int,
+                 device: torch.device) -> torch.Tensor:
+    """[q_len, P] bool: query t = seq_len - q_len + i sees kept key position p iff t - window < p <= t."""
+    positions = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+    t = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    return (positions[None, :] <= t) & (positions[None, :] > t - window)
 
 
 def _shared(keys: torch.Tensor, key_share: int) -> torch.Tensor:
@@ -81,13 +99,18 @@ def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_spl
         if q_len == 0:
             continue
         blocks = call.block_table[seq]
+        window = call.sliding_window
+        start = 0 if window is None else max(0, seq_len - q_len - window + 1)  # the first query's window start
+        ranges = _kept_ranges(start, seq_len, gap_list[seq])
         # 4-D [1, heads, tokens, dim] views: with 3-D inputs torch's CPU SDPA takes its slow math path (~10x).
-        keys = _shared(_kept(call.key_cache, blocks, seq_len, gap_list[seq]), shape.key_share)
+        keys = _shared(_kept(call.key_cache, blocks, ranges), shape.key_share)
         keys = keys.transpose(0, 1)[None]  # [1, Hkv, P, key_share * r]
-        values = _kept(call.value_cache, blocks, seq_len, gap_list[seq]).transpose(0, 1)[None]  # [1, Hkv, P, d]
+        values = _kept(call.value_cache, blocks, ranges).transpose(0, 1)[None]  # [1, Hkv, P, d]
         queries = call.q[first:last].transpose(0, 1)[None]  # [1, H, q_len, key_share * r]
         if q_len == 1:
-            mask = None  # the last position sees every kept key
+            mask = None  # the last position sees every kept key (with a window: every key gathered)
+        elif window is not None:
+            mask = _window_mask(ranges, seq_len, q_len, window, queries.device)
         else:
             mask = causal_lower_right(q_len, keys.shape[2])
         o = F.scaled_dot_product_attention(*equal_widths(queries, keys, values), attn_mask=mask, scale=call.scale,

@@ -34,7 +34,8 @@ DEVICES = {
 }
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
-# (arch, dtype, r, d, group, with gap, key_share): decode-only small batch (split-KV + merge) and a mixed batch.
+# (arch, dtype, r, d, group, with gap, key_share[, sliding window]): decode-only small batch (split-KV + merge)
+# and a mixed batch.
 CASES = [
     (90, torch.bfloat16, 32, 128, 4, False, 1),  # the headline configuration
     (90, torch.bfloat16, 24, 256, 3, True, 1),  # non-power-of-two r, widest d, odd group, gap
@@ -43,6 +44,8 @@ CASES = [
     (90, torch.float32, 48, 128, 4, True, 1),  # fp32 (exact products, FMA path)
     (80, torch.float16, 64, 128, 8, False, 1),  # Ampere
     (90, torch.bfloat16, 24, 128, 4, True, 4),  # shared keys: 4 slots of non-power-of-two r = 24 -> qk 96, gap
+    (90, torch.bfloat16, 64, 256, 4, True, 1, 512),  # sliding window (Gemma 3's d = 256), gap
+    (80, torch.float16, 32, 128, 8, False, 2, 100),  # sliding window with shared keys, Ampere
 ]
 
 
@@ -75,12 +78,12 @@ def specialised(call: launch.KernelCall) -> ASTSource:
 
 
 def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap: bool,
-                  key_share: int = 1) -> list[launch.KernelCall]:
+                  key_share: int = 1, sliding_window: int | None = None) -> list[launch.KernelCall]:
     num_kv_heads = max(2, key_share)
     b = random_paged_batch(
         [1, 1, 40], [300, 64, 200], num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, r=r, d=d,
         block_size=16, dtype=dtype, device="cpu", gaps=[(16, 200), (0, 0), (0, 0)] if gap else None,
-        key_share=key_share,
+        key_share=key_share, sliding_window=sliding_window,
     )
     calls = []
     for q_lens_max in (1, 40):  # decode-only plan (uses the split heuristic) and mixed plan
@@ -98,8 +101,8 @@ def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap
 def main() -> int:
     seen: set = set()
     failures = 0
-    for arch, dtype, r, d, group, gap, key_share in CASES:
-        for call in planned_calls(arch, dtype, r, d, group, gap, key_share):
+    for arch, dtype, r, d, group, gap, key_share, *window in CASES:
+        for call in planned_calls(arch, dtype, r, d, group, gap, key_share, *window):
             src = specialised(call)
             key = repr((arch, call.kernel.fn.__name__, src.signature, sorted(src.constants.items()),
                         sorted(src.attrs.items()), sorted(call.options.items())))

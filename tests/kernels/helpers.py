@@ -31,7 +31,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def reference_output(batch: PagedBatch) -> torch.Tensor:
-    return reference.paged_attention(*batch.args(), gaps=batch.gaps, key_share=batch.key_share)
+    return reference.paged_attention(*batch.args(), gaps=batch.gaps, key_share=batch.key_share,
+                                     sliding_window=batch.sliding_window)
 
 
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:

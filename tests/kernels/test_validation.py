@@ -74,6 +74,12 @@ BAD_ATTENTION = [
     ("shared width above 256", lambda a: _replace(a, key_share=2, q=torch.zeros(4, 4, 272, device=DEVICE),
                                                   key_cache=_cache(r=136)[0], value_cache=_cache(r=136)[1]),
      "key_share * r = 2 * 136 = 272 exceeds the kernels' limit 256: use a smaller share group"),
+    # Sliding windows: None or an int from 1 to 2^31 - 1.
+    ("window zero", lambda a: _replace(a, sliding_window=0), "sliding window 0 is unsupported"),
+    ("window negative", lambda a: _replace(a, sliding_window=-4), "sliding window -4 is unsupported"),
+    ("window bool", lambda a: _replace(a, sliding_window=True), "sliding window True is unsupported"),
+    ("window float", lambda a: _replace(a, sliding_window=16.0), "sliding window 16.0 is unsupported"),
+    ("window above int32", lambda a: _replace(a, sliding_window=2**31), "an int from 1 to 2147483647"),
 ]
 
 

@@ -140,3 +140,40 @@ def test_a_shared_key_latent_with_snapkv_is_refused(tiny_llama_dir):
     plain = vllm_config(tiny_llama_dir)
     with set_current_vllm_config(plain):
         assert thin_model_backend(plain, [16], share_group=2) is not None
+
+
+def test_sliding_window_deployments(tiny_llama_dir):
+    """A model with sliding-window layers runs on thinkv (vLLM's SlidingWindowSpec carries the value head
+    size, the impl takes the layer's window); SnapKV with it, and windows the kernels cannot take, are
+    refused before the first layer is built."""
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from vllm_thinkv.backend.impl import ThinKVImpl
+
+    def sliding(config: VllmConfig, window) -> VllmConfig:
+        config.model_config.hf_text_config.sliding_window = window  # as a Mistral-style config sets it
+        return config
+
+    assert check_deployment(sliding(vllm_config(tiny_llama_dir), 64)) is ThinKVBackend
+    with pytest.raises(ThinKVError, match=r"SnapKV does not support models with sliding-window attention layers yet "
+                                          r"\(this model's window: 64 tokens\)"):
+        check_deployment(sliding(vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV}), 64))
+    with pytest.raises(ThinKVError, match="the model's sliding window -3 is unsupported: it must be None"):
+        check_deployment(sliding(vllm_config(tiny_llama_dir), -3))
+
+    impl = ThinKVImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2, sliding_window=64)
+    assert impl.sliding_window == 64
+    assert ThinKVImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2).sliding_window is None
+    for bad in (0, -1, 2**31):
+        with pytest.raises(ThinKVError, match=f"thinkv backend: this layer's sliding window {bad} is unsupported"):
+            ThinKVImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2, sliding_window=bad)
+
+    spec = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=32, head_size_v=64, dtype=torch.float32,
+                             sliding_window=64)
+    snap_backend = backend_for(SnapKVConfig(**SNAPKV))
+    for backend in (ThinKVBackend, snap_backend):
+        assert backend.customize_spec(spec) is spec  # a sliding layer's spec is vLLM's own, with d
+    assert spec.page_size_bytes == 16 * 2 * (32 + 64) * 4
+    with pytest.raises(ThinKVError, match="value head dim d=72 is unsupported"):
+        ThinKVBackend.customize_spec(SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=32, head_size_v=72,
+                                                       dtype=torch.float32, sliding_window=64))

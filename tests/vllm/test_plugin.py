@@ -87,13 +87,12 @@ def test_capabilities_seen_by_vllm_selector():
     assert reasons() == []
     assert reasons(head_size=16) == []  # thin keys below vLLM's own Triton minimum of 32
     assert reasons(head_size=8) == []
+    assert reasons(has_sliding_window=True) == []  # the layer's window reaches the kernels
     cases = {
         "head_size not supported: thinkv backend: query/key head size must be a multiple of 8": dict(head_size=12),
         "head_size not supported: thinkv": dict(head_size=264),
         "kv_cache_dtype not supported: thinkv backend does not support kv-cache-dtype 'fp8'": dict(kv_cache_dtype="fp8"),
         "block_size not supported: thinkv backend: block size must be a multiple of 16": dict(block_size=24),
-        "sliding window not supported: thinkv backend does not support sliding-window attention":
-            dict(has_sliding_window=True),
         "attention sinks not supported: thinkv": dict(has_sink=True),
         "attention type encoder_only not supported (thinkv backend)": dict(attn_type="encoder_only"),
         "MLA not supported: thinkv": dict(use_mla=True),

@@ -55,7 +55,6 @@ THINKV_REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
                                               f"(supported: {', '.join(SUPPORTED_KV_CACHE_DTYPES)})",
     "block_size not supported": lambda c: f"thinkv backend: block size must be a multiple of {BLOCK_SIZE_MULTIPLE}, "
                                           f"got {c.get('block_size')}",
-    "sliding window not supported": lambda c: "thinkv backend does not support sliding-window attention",
     "attention sinks not supported": lambda c: "thinkv backend does not support attention sinks",
     "MLA not supported": lambda c: "thinkv backend does not support MLA models",
     "compute capability not supported": lambda c: "thinkv kernels need a GPU with compute capability {}.{} or newer, "
@@ -117,7 +116,9 @@ class ThinKVBackend(AttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        # The layer's window reaches the impl (`sliding_window`) and the kernels (t - W < p <= t);
+        # vLLM's SlidingWindowSpec carries head_size_v, and its manager frees the blocks that slid out.
+        return True
 
     @classmethod
     def supports_sink(cls) -> bool:
@@ -161,9 +162,13 @@ class ThinKVBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
         # The one place vLLM shows the backend the V head size before allocation.
         check_head_dims(spec.head_size, spec.head_size_v)
-        if cls.snapkv_config is None:
+        if cls.snapkv_config is None or isinstance(spec, SlidingWindowSpec):
+            # (vLLM asks sliding-window layers only for their page size; SnapKV with sliding layers is
+            # refused at start-up, `deployment.check_deployment`.)
             return spec
         from vllm_thinkv.snapkv.kv_cache import snapkv_spec
 

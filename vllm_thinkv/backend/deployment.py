@@ -26,7 +26,7 @@ from vllm.logger import init_logger
 from vllm_thinkv.backend.backend import ThinKVBackend, backend_for
 from vllm_thinkv.config import check_architecture
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES
+from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_sliding_window
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
@@ -47,8 +47,21 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
     if vllm_config.kv_transfer_config is not None:
         raise ThinKVError("thinkv backend does not support KV-transfer connectors (--kv-transfer-config)")
     check_architecture(list(getattr(hf_config, "architectures", None) or []), getattr(hf_config, "thinkv", None) is not None)
+    sliding_window = model_config.get_sliding_window()  # None unless some layer slides (0 was made None)
+    try:
+        check_sliding_window(sliding_window)
+    except ThinKVError as e:
+        raise ThinKVError(f"thinkv backend: the model's {e}") from None
     snapkv_config = SnapKVConfig.from_hf_config(hf_config)
     if snapkv_config is not None:
+        if sliding_window is not None:
+            # A sliding layer's blocks are freed by vLLM's window manager, not compacted; SnapKV would
+            # need its selection and gap on the full-attention layers only (not built yet).
+            raise ThinKVError(
+                f"thinkv SnapKV does not support models with sliding-window attention layers yet (this model's "
+                f"window: {sliding_window} tokens): serve it without `thinkv_snapkv`; sliding layers already "
+                "hold only their window"
+            )
         if vllm_config.speculative_config is not None:
             raise ThinKVError("thinkv SnapKV does not support speculative decoding")
         if vllm_config.use_v2_model_runner:

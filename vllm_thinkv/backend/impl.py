@@ -17,7 +17,12 @@ from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_key_share, check_qk_head_dim
+from vllm_thinkv.kernels.checks import (
+    SUPPORTED_KV_CACHE_DTYPES,
+    check_key_share,
+    check_qk_head_dim,
+    check_sliding_window,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -25,7 +30,7 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers 
 def _unsupported(feature: str) -> ThinKVError:
     return ThinKVError(
         f"thinkv backend does not support {feature}. Supported: decoder-only causal "
-        "self-attention without sliding window, ALiBi, sinks or logit soft-capping, "
+        "self-attention (full or sliding-window) without ALiBi, sinks or logit soft-capping, "
         f"with an fp16/bf16/fp32 KV cache (kv-cache-dtype {'/'.join(SUPPORTED_KV_CACHE_DTYPES)})"
     )
 
@@ -51,8 +56,10 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         # the per-layer facts vLLM hands only to the impl.
         if attn_type != AttentionType.DECODER:
             raise _unsupported(f"attention type {attn_type!r}")
-        if sliding_window is not None:
-            raise _unsupported(f"sliding-window attention (window {sliding_window})")
+        try:
+            check_sliding_window(sliding_window)
+        except ThinKVError as e:
+            raise ThinKVError(f"thinkv backend: this layer's {e}") from None
         if alibi_slopes is not None:
             raise _unsupported("ALiBi")
         if logits_soft_cap:
@@ -80,6 +87,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.key_share = key_share
+        self.sliding_window = sliding_window  # None: full causal attention
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
@@ -144,6 +152,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             max_seqlen_q=attn_metadata.max_query_len,
             max_seqlen_k=attn_metadata.max_seq_len,
             key_share=self.key_share,
+            sliding_window=self.sliding_window,
         )
         return output
 
