@@ -23,7 +23,8 @@ SPEC: ``mode``, ``model``, ``engine`` (vllm.LLM kwargs), ``prompts`` (one batch)
   step returned, which is when a streaming client would have received it.
 * ``"trace"``: "step" plus the block accounting of every step: free blocks in the
   pool and, per running request, its prompt length, computed tokens, preemptions
-  and the blocks it holds.
+  and the blocks it holds (in the first KV-cache group; `group_blocks`: in each group,
+  as vLLM's hybrid allocator keeps e.g. sliding-window and full-attention layers apart).
 
 Every mode also returns the engine's configuration (vLLM version, KV blocks, block
 size, dtype, attention backend, ...) and its start-up and run times.
@@ -185,7 +186,8 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     kv = scheduler.kv_cache_manager
-    manager = kv.coordinator.single_type_managers[0]
+    managers = kv.coordinator.single_type_managers
+    manager = managers[0]
     params = _params(spec)
     prompts = [p for batch in _batches(spec) for p in batch]
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -213,7 +215,9 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
                 "waiting": len(scheduler.waiting),
                 "running": [
                     {"prompt": r.num_prompt_tokens, "computed": r.num_computed_tokens, "preemptions": r.num_preemptions,
-                     "blocks": sum(not b.is_null for b in manager.req_to_blocks.get(r.request_id, []))}
+                     "blocks": sum(not b.is_null for b in manager.req_to_blocks.get(r.request_id, [])),
+                     "group_blocks": [sum(not b.is_null for b in m.req_to_blocks.get(r.request_id, []))
+                                      for m in managers]}
                     for r in scheduler.running
                 ],
             })
@@ -221,6 +225,8 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
     return {
         **_common(llm, init_s, wall_s, spec),
         "kv_cache_spec": type(manager.kv_cache_spec).__name__,
+        "kv_cache_specs": [{"type": type(m.kv_cache_spec).__name__, "block_size": m.kv_cache_spec.block_size,
+                            "sliding_window": getattr(m.kv_cache_spec, "sliding_window", None)} for m in managers],
         "timeline": timeline,
         **({"steps": steps} if trace else {}),
         "preemptions": sum(preemptions.values()),
