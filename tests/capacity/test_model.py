@@ -96,7 +96,7 @@ def test_paper_25_gb_per_user_holds_for_mha_not_gqa():
 
 def test_configs_thinkv_cannot_serve_are_refused():
     base = public("mistral-7b")
-    with pytest.raises(ThinKVError, match="sliding-window"):
+    with pytest.raises(ThinKVError, match="sliding-window.*does not model vLLM's hybrid allocator"):
         shape_from_config({**base, "sliding_window": 4096}, "mistral-7b-v0.1")
     with pytest.raises(ThinKVError, match="lacks 'num_hidden_layers'"):
         shape_from_config({k: v for k, v in base.items() if k != "num_hidden_layers"}, "broken")

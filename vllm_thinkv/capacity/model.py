@@ -123,7 +123,8 @@ def shape_from_config(cfg: Mapping[str, Any], name: str) -> ModelShape:
             raise ThinKVError(f"{name}: MLA models (DeepSeek-style {key}) are not supported; thinkv supports MHA/GQA decoders")
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         raise ThinKVError(
-            f"{name}: sliding-window attention (window {cfg['sliding_window']}) is not supported by the thinkv backend"
+            f"{name}: sliding-window attention (window {cfg['sliding_window']}): the thinkv backend serves it, but "
+            "this capacity model does not model vLLM's hybrid allocator (sliding layers hold only their window) yet"
         )
     layers, heads = int(_get(cfg, "num_hidden_layers", name)), int(_get(cfg, "num_attention_heads", name))
     hidden = int(_get(cfg, "hidden_size", name))
