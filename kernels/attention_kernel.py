@@ -24,7 +24,8 @@ that slid out of the window; their block-table entries point at the null block).
 Split-KV divides only the tiles in the window. HAS_WINDOW=False removes all window code.
 
 Masking is by position: key position p is visible to a row whose query sits at
-absolute position t iff p <= t (and t - sliding_window < p with a window) and p is outside the sequence's gap [lo, hi).
+absolute position t iff p <= t (and t - sliding_window < p with a window) and p is
+outside the sequence's gap [lo, hi).
 Positions that no row of the tile can see are never loaded (masked loads read
 nothing, so unwritten cache slots and garbage block-table entries are never
 dereferenced), masked V rows load as 0 (0 * NaN would poison P·V), and KV tiles

@@ -6,9 +6,10 @@ are gathered block-wise through the block table, so gap slots are never read, an
 `scaled_dot_product_attention` runs with a lower-right causal mask: dropping a gap
 that lies entirely in the cached context keeps the query tokens at the end, so the
 mask stays the standard "query i sees all but the last q_len - 1 - i keys".
-With a sliding window W, gathering starts at the first query's window start (the
-blocks left of it are never read: vLLM frees them) and a boolean mask built from the
-kept keys' positions applies t - W < p <= t; a single query token sees every key gathered.
+With a sliding window W, the queries go in chunks of max(W, WINDOW_QUERY_CHUNK) tokens;
+each chunk gathers keys from its first query's window start (blocks left of every
+window are never read: vLLM frees them) and a boolean mask built from the kept keys'
+positions applies t - W < p <= t; a single query token sees every key gathered.
 
 Shared keys (key_share = S > 1, see `attention.paged_attention`): the gathered keys
 [P, Hkv, r] are viewed as one [P, Hkv / S, S * r] key per share group and repeated S
@@ -25,6 +26,10 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .calls import AttentionCall, KVWrite, attention_op, write_kv_op
 from .checks import attention_metadata_limits, check_attention_call, check_write_kv
+
+
+# Fewest query tokens per SDPA call under a sliding window (a smaller window still takes this many).
+WINDOW_QUERY_CHUNK = 16
 
 
 def gather_tokens(cache: torch.Tensor, blocks: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -99,23 +104,31 @@ def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_spl
         if q_len == 0:
             continue
         blocks = call.block_table[seq]
+        context = seq_len - q_len
         window = call.sliding_window
-        start = 0 if window is None else max(0, seq_len - q_len - window + 1)  # the first query's window start
-        ranges = _kept_ranges(start, seq_len, gap_list[seq])
-        # 4-D [1, heads, tokens, dim] views: with 3-D inputs torch's CPU SDPA takes its slow math path (~10x).
-        keys = _shared(_kept(call.key_cache, blocks, ranges), shape.key_share)
-        keys = keys.transpose(0, 1)[None]  # [1, Hkv, P, key_share * r]
-        values = _kept(call.value_cache, blocks, ranges).transpose(0, 1)[None]  # [1, Hkv, P, d]
-        queries = call.q[first:last].transpose(0, 1)[None]  # [1, H, q_len, key_share * r]
-        if q_len == 1:
-            mask = None  # the last position sees every kept key (with a window: every key gathered)
-        elif window is not None:
-            mask = _window_mask(ranges, seq_len, q_len, window, queries.device)
-        else:
-            mask = causal_lower_right(q_len, keys.shape[2])
-        o = F.scaled_dot_product_attention(*equal_widths(queries, keys, values), attn_mask=mask, scale=call.scale,
-                                           enable_gqa=gqa)
-        out[first:last] = o[0, ..., : shape.d].transpose(0, 1)
+        # With a window, queries go in chunks of max(W, WINDOW_QUERY_CHUNK), each with only the keys its
+        # rows can see: O(q_len * W) work instead of O(q_len * seq_len) for long prompts.
+        chunk = q_len if window is None else max(window, WINDOW_QUERY_CHUNK)
+        for i0 in range(0, q_len, chunk):
+            i1 = min(q_len, i0 + chunk)
+            end = context + i1  # keys [start, end): up to the chunk's last query
+            start = 0 if window is None else max(0, context + i0 - window + 1)  # the chunk's first window start
+            ranges = _kept_ranges(start, end, gap_list[seq])
+            # 4-D [1, heads, tokens, dim] views: with 3-D inputs torch's CPU SDPA takes its slow math path (~10x).
+            keys = _shared(_kept(call.key_cache, blocks, ranges), shape.key_share)
+            keys = keys.transpose(0, 1)[None]  # [1, Hkv, P, key_share * r]
+            values = _kept(call.value_cache, blocks, ranges).transpose(0, 1)[None]  # [1, Hkv, P, d]
+            queries = call.q[first + i0 : first + i1].transpose(0, 1)[None]  # [1, H, n, key_share * r]
+            n = i1 - i0
+            if n == 1:
+                mask = None  # the last position sees every kept key (with a window: every key gathered)
+            elif window is not None:
+                mask = _window_mask(ranges, end, n, window, queries.device)
+            else:
+                mask = causal_lower_right(n, keys.shape[2])
+            o = F.scaled_dot_product_attention(*equal_widths(queries, keys, values), attn_mask=mask,
+                                               scale=call.scale, enable_gqa=gqa)
+            out[first + i0 : first + i1] = o[0, ..., : shape.d].transpose(0, 1)
     return out
 
 
