@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.compress.models import tiny_model
-from tests.tiny import build_tokenizer
+from tests.tiny import build_tiny_gemma3, build_tokenizer
 from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
@@ -94,14 +94,17 @@ def test_smollm2_joint_r16_matches_transformers_with_the_capacity_of_per_head_r1
     assert run["num_gpu_blocks"] == smollm2_r16_run[1]["num_gpu_blocks"]
 
 
-@pytest.mark.parametrize("method", ["pca", "joint"])
-def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path, method):
+@pytest.mark.parametrize("model, method", [("llama", "pca"), ("llama", "joint"), ("gemma3", "pca")])
+def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path, model, method):
+    # gemma3: a tiny random Gemma 3 whose sliding layers see 32 tokens (prompts of 50 and 120)
+    src = tiny_llama_dir if model == "llama" else build_tiny_gemma3(tmp_path / "gemma3", sliding_window=32)
     # no calib_ctx at load time: the engine calibrates at its max_model_len (2048), as offline here
-    offline = compress(tiny_llama_dir, tmp_path / "offline", method, 32, "--calib-ctx", "2048")
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    offline = compress(src, tmp_path / "offline", method, 32, "--calib-ctx", "2048")
+    tok = AutoTokenizer.from_pretrained(src)
     prompts = prompts_from_text(tok, packaged_text(), [50, 120])
-    overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": method, "rank": 32}}
-    spec = {"model": str(tiny_llama_dir), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
+    thin_arch = {"llama": "ThinKVLlamaForCausalLM", "gemma3": "ThinKVGemma3ForCausalLM"}[model]
+    overrides = {"architectures": [thin_arch], "thinkv": {"method": method, "rank": 32}}
+    spec = {"model": str(src), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
     run = run_engine(spec)
     reference = load(offline)
