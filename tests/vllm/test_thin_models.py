@@ -13,7 +13,7 @@ from tests.tiny import build_tiny_gemma3, build_tokenizer
 from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
-from vllm_thinkv.hf.text import packaged_text
+from vllm_thinkv.hf.text import packaged_text, text_prefix
 
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
 
@@ -25,9 +25,10 @@ def compress(src, out, method: str, rank: int, *extra: str):
 
 
 def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> tuple[float, dict]:
-    """Max |prompt log-prob difference| between vLLM and the transformers reference."""
+    """Max |prompt log-prob difference| between vLLM and the transformers reference, on prompts
+    that start as the tokenizer starts a text (Gemma's <bos>; nothing for the others)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompts_from_text(tok, packaged_text(), list(lengths))
+    prompts = [text_prefix(tok) + p for p in prompts_from_text(tok, packaged_text(), list(lengths))]
     # No --attention-backend: a thin model must pick the thinkv backend by itself.
     spec = {"model": str(model_dir), "engine": {**ENGINE, "block_size": 16, **(engine or {})},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
