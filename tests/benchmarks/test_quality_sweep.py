@@ -61,3 +61,36 @@ def test_sweep_rejects_bad_keys_before_running(load_benchmark, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(["--calib", "a.txt", "--eval", "b.txt", *bad])
         assert "bad key" in capsys.readouterr().err
+
+
+def test_sweep_runs_gemma3_and_refuses_what_does_not_apply(tmp_path, load_benchmark, capsys):
+    """The sweep on a tiny random Gemma 3 (what `--model gemma3-270m` runs on the real one): the methods
+    that apply give results (r = d exact); svd (q/k norms) and passkey without a chat template are refused
+    before any work."""
+    from tests.tiny import build_tiny_gemma3
+
+    bench = load_benchmark("quality")
+    model = build_tiny_gemma3(tmp_path / "gemma3", sliding_window=32)
+    (model / "chat_template.jinja").unlink(missing_ok=True)  # a base model, as Gemma-3-270m
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    text = tmp_path / "text.txt"
+    text.write_text(packaged_text()[:60000])
+    out = tmp_path / "q"
+    argv = ["--model", str(model), "--calib", str(text), "--eval", str(text), "--eval-skip-chars", "40000",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--ctx", "64", "--eval-windows", "2",
+            "--calib-tokens", "128", "--ranks", "16", "64", "--load-ranks", "--budget-ranks", "--ft-ranks",
+            "--ft-windows", "2", "--ft-ctx", "32"]
+    assert bench.main(argv + ["--methods", "pca", "svd", "--passkey"]) == 2
+    assert "per-head k_norm" in capsys.readouterr().err
+    assert bench.main(argv + ["--methods", "pca", "pairs", "--passkey", "original"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    assert not out.with_suffix(".json").exists()
+    assert bench.main(argv + ["--methods", "pca", "pairs", "joint", "--passkey"]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["model"] == "gemma3"
+    assert set(data["results"]) == {f"{m}:{r}" for m in ("pca", "pairs", "joint") for r in (16, 64)}
+    for m in ("pca", "pairs", "joint"):
+        assert data["results"][f"{m}:64"]["exact_check_max_logit_diff"] < 1e-3
+        assert data["results"][f"{m}:16"]["ppl"] != data["original"]["ppl"]

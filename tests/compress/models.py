@@ -12,13 +12,16 @@ import functools
 
 import torch
 
-ARCHS = ("llama", "llama-g3", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "llama-g3", "mistral", "qwen2", "qwen3", "gemma3")
+QK_NORM_ARCHS = ("qwen3", "gemma3")  # per-head q/k RMSNorm before RoPE: no svd
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(arch: str, seed: int = 0, num_layers: int = 2) -> torch.nn.Module:
     """Cached: callers must not modify it (thin models are built on deep copies)."""
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -52,6 +55,14 @@ def tiny_model(arch: str, seed: int = 0, num_layers: int = 2) -> torch.nn.Module
         cls, cfg = Qwen2ForCausalLM, Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
     elif arch == "qwen3":
         cls, cfg = Qwen3ForCausalLM, Qwen3Config(**common, rope_parameters=rope, use_sliding_window=False)
+    elif arch == "gemma3":
+        # layer 0 slides over 32 tokens (local RoPE base), layer 1 is global; a softmax scale that is not
+        # d**-0.5 (query_pre_attn_scalar 40), so keeping the original scale is tested too
+        types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+        cls, cfg = Gemma3ForCausalLM, Gemma3TextConfig(
+            **common, query_pre_attn_scalar=40, sliding_window=32, layer_types=types,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -69,7 +80,7 @@ def sharpen(model: torch.nn.Module, factor: float = 8.0) -> torch.nn.Module:
             proj.weight.mul_(factor)
             if proj.bias is not None:
                 proj.bias.normal_(0, 0.5)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: norms fix the scale; sharpen via the gains
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: norms fix the scale; sharpen via the gains
             attn.q_norm.weight.fill_(3.0)
             attn.k_norm.weight.fill_(3.0)
     return model

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.compress.models import ARCHS, calib_windows, max_logit_diff, tiny_model
+from tests.compress.models import ARCHS, QK_NORM_ARCHS, calib_windows, max_logit_diff, tiny_model
 from vllm_thinkv.compress import compress_model
 from vllm_thinkv.compress.svd import Svd
 from vllm_thinkv.config import CompressRequest
@@ -26,8 +26,8 @@ def _thin(model, method_name, rank, **kw):
 def test_full_rank_reproduces_the_model(arch, method):
     model = tiny_model(arch)
     ids = calib_windows(model, n=1, ctx=96, seed=7)
-    if arch == "qwen3" and method == "svd":
-        with pytest.raises(ThinKVError, match="Qwen3's per-head k_norm"):
+    if arch in QK_NORM_ARCHS and method == "svd":
+        with pytest.raises(ThinKVError, match="per-head k_norm"):
             _thin(model, method, 64)
         return
     cfg, full = _thin(model, method, 64)
@@ -45,8 +45,9 @@ def test_svd_full_rank_is_exact_with_merged_frequency_bands():
     assert max_logit_diff(model, full, ids) < 1e-4
 
 
-def test_qwen3_pairs_uses_a_selection_basis_after_rope():
-    model = tiny_model("qwen3")
+@pytest.mark.parametrize("arch", QK_NORM_ARCHS)
+def test_qk_norm_pairs_uses_a_selection_basis_after_rope(arch):
+    model = tiny_model(arch)
     cfg, tensors = compress_model(model, CompressRequest("pairs", rank=32), calib_windows(model), progress=False)
     assert cfg.form == "post_rope_projection"
     basis = tensors["model.layers.0.self_attn.k_basis"]

@@ -65,3 +65,20 @@ def test_eval_ppl_says_what_to_pass_and_what_it_skips(tiny_llama_dir, tmp_path, 
                  "--out", str(out), "--no-progress"]) == 0
     assert "skipping the first 5000 characters of each file as front matter; --skip-chars 0 keeps them" in \
         capsys.readouterr().out
+
+
+def test_windows_start_with_the_tokenizers_prefix(tmp_path):
+    """A tokenizer that prepends <bos> (Gemma's, after `hf.gemma3.add_bos`) gets it at the start of every
+    window, followed by consecutive text tokens; one that prepends nothing gets plain text windows."""
+    from tests.tiny import build_tokenizer
+    from vllm_thinkv.hf.gemma3 import add_bos
+
+    tok = build_tokenizer(tmp_path)
+    text_ids = tok(packaged_text(), add_special_tokens=False)["input_ids"]
+    plain = token_windows(tok, packaged_text(), 64, max_tokens=192)
+    assert plain.tolist() == torch.tensor(text_ids[:192]).view(3, 64).tolist()
+    add_bos(tok)
+    assert tok("a")["input_ids"][0] == tok.bos_token_id
+    windows = token_windows(tok, packaged_text(), 64, max_tokens=192)
+    assert windows.shape == (3, 64) and (windows[:, 0] == tok.bos_token_id).all()
+    assert windows[:, 1:].tolist() == torch.tensor(text_ids[:189]).view(3, 63).tolist()

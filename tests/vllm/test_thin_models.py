@@ -9,11 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.compress.models import tiny_model
-from tests.tiny import build_tokenizer
+from tests.tiny import build_tiny_gemma3, build_tokenizer
 from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
-from vllm_thinkv.hf.text import packaged_text
+from vllm_thinkv.hf.text import packaged_text, text_prefix
 
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
 
@@ -25,9 +25,10 @@ def compress(src, out, method: str, rank: int, *extra: str):
 
 
 def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> tuple[float, dict]:
-    """Max |prompt log-prob difference| between vLLM and the transformers reference."""
+    """Max |prompt log-prob difference| between vLLM and the transformers reference, on prompts
+    that start as the tokenizer starts a text (Gemma's <bos>; nothing for the others)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = prompts_from_text(tok, packaged_text(), list(lengths))
+    prompts = [text_prefix(tok) + p for p in prompts_from_text(tok, packaged_text(), list(lengths))]
     # No --attention-backend: a thin model must pick the thinkv backend by itself.
     spec = {"model": str(model_dir), "engine": {**ENGINE, "block_size": 16, **(engine or {})},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
@@ -44,9 +45,10 @@ def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> 
 
 
 # (architecture, method, rank): all three thin forms, Qwen2's biases, Qwen3's q/k norms, a GQA group of 3,
-# a key latent shared by both KV heads (joint: 2 x 24 = 48-dim shared keys)
+# a key latent shared by both KV heads (joint: 2 x 24 = 48-dim shared keys), Gemma 3 (a 32-token sliding
+# layer and a global one, two RoPE bases, GemmaRMSNorm q/k norms, query_pre_attn_scalar != d)
 CASES = [("llama", "pairs", 16), ("llama-g3", "pca", 24), ("mistral", "svd", 24), ("qwen2", "pairs", 32),
-         ("qwen3", "pca", 16), ("llama-g3", "joint", 24)]
+         ("qwen3", "pca", 16), ("llama-g3", "joint", 24), ("gemma3", "pca", 16)]
 
 
 @pytest.mark.parametrize("arch, method, rank", CASES)
@@ -93,14 +95,17 @@ def test_smollm2_joint_r16_matches_transformers_with_the_capacity_of_per_head_r1
     assert run["num_gpu_blocks"] == smollm2_r16_run[1]["num_gpu_blocks"]
 
 
-@pytest.mark.parametrize("method", ["pca", "joint"])
-def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path, method):
+@pytest.mark.parametrize("model, method", [("llama", "pca"), ("llama", "joint"), ("gemma3", "pca")])
+def test_load_time_compression_equals_offline(tiny_llama_dir, tmp_path, model, method):
+    # gemma3: a tiny random Gemma 3 whose sliding layers see 32 tokens (prompts of 50 and 120)
+    src = tiny_llama_dir if model == "llama" else build_tiny_gemma3(tmp_path / "gemma3", sliding_window=32)
     # no calib_ctx at load time: the engine calibrates at its max_model_len (2048), as offline here
-    offline = compress(tiny_llama_dir, tmp_path / "offline", method, 32, "--calib-ctx", "2048")
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    offline = compress(src, tmp_path / "offline", method, 32, "--calib-ctx", "2048")
+    tok = AutoTokenizer.from_pretrained(src)
     prompts = prompts_from_text(tok, packaged_text(), [50, 120])
-    overrides = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": method, "rank": 32}}
-    spec = {"model": str(tiny_llama_dir), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
+    thin_arch = {"llama": "ThinKVLlamaForCausalLM", "gemma3": "ThinKVGemma3ForCausalLM"}[model]
+    overrides = {"architectures": [thin_arch], "thinkv": {"method": method, "rank": 32}}
+    spec = {"model": str(src), "engine": {**ENGINE, "block_size": 16, "hf_overrides": overrides},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
     run = run_engine(spec)
     reference = load(offline)

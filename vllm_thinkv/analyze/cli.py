@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     d = AnalyzeConfig()
-    p.add_argument("model", metavar="MODEL", help="HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3)")
+    p.add_argument("model", metavar="MODEL", help="HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3)")
     p.add_argument("--text", nargs="+", default=[], metavar="FILE",
                    help="calibration text files (default: the public-domain text shipped in the package)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; its result files are replaced)")

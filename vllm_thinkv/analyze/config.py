@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # model_type values whose attention `vllm_thinkv.hf.capture` reproduces exactly.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 # Activation kinds measured per head. Queries have one entry per query head;
 # the others one per KV head.

@@ -96,7 +96,10 @@ def panel_r2_vs_k(ax, result: dict, kinds: tuple[str, ...], title: str) -> None:
     ax.set_ylabel("held-out R² (mean; band 10–90%)")
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.0)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    if any(result["predictability"][k]["k"] for k in kinds):
+        ax.legend(fontsize=7)
+    else:  # e.g. MQA (Gemma-3-270m): one KV head per layer, no peer head to predict it from
+        ax.text(0.5, 0.5, "no peer heads to predict from", ha="center", va="center", transform=ax.transAxes)
 
 
 def panel_adjacent(ax, result: dict, kinds=KV_KINDS) -> None:

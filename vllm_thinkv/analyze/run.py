@@ -60,7 +60,7 @@ def check_model(path: str):
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ThinKVError(
-            f"model type {model_type!r} is not supported: thinkv analyze understands Llama-family attention "
+            f"model type {model_type!r} is not supported: thinkv analyze understands Llama-family and Gemma 3 attention "
             f"({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     return config
@@ -203,7 +203,10 @@ def analyze(model_path: str, files: list[str], cfg: AnalyzeConfig) -> dict:
 
     t0 = time.perf_counter()
     result = {
-        "model": {"path": str(model_path), "model_type": config.model_type, **asdict(shape), "group": shape.group},
+        "model": {"path": str(model_path), "model_type": config.model_type, **asdict(shape), "group": shape.group,
+                  # per layer: "full_attention" or "sliding_attention" (Gemma 3), to read the results by layer type
+                  "layer_types": list(getattr(config, "layer_types", None) or ["full_attention"] * shape.num_layers),
+                  "sliding_window": getattr(config, "sliding_window", None)},
         "settings": {**asdict(cfg), "ranks": ranks, "methods": methods},
         "text": {
             **provenance,

@@ -2,7 +2,7 @@
 
     cfg, tensors = compress_model(model, request, calib_windows)
 
-`model` is an original (uncompressed) transformers Llama/Mistral/Qwen2/Qwen3
+`model` is an original (uncompressed) transformers Llama/Mistral/Qwen2/Qwen3/Gemma 3
 causal LM, `request` a `CompressRequest` (method + uniform rank or rank budget)
 or a `ThinKVConfig` (method + explicit per-layer ranks), `calib_windows` a
 LongTensor [N, ctx] of calibration tokens (`calibration_windows`). It returns

@@ -28,7 +28,7 @@ class ModelInfo:
     head_dim: int
     num_heads: int
     num_kv_heads: int
-    inv_freq: torch.Tensor  # fp32 [d/2], the model's actual rotary frequencies (incl. scaling)
+    inv_freq: torch.Tensor | None  # fp32 [d/2], the model's rotary frequencies (incl. scaling); None: per layer type (Gemma 3)
     rope_type: str
     max_positions: int
 
@@ -38,7 +38,7 @@ class ModelInfo:
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelInfo:
-        """Read and validate a transformers Llama-family causal LM."""
+        """Read and validate a transformers Llama-family or Gemma 3 causal LM."""
         arch = type(model).__name__
         if arch not in ARCHITECTURES:
             raise ThinKVError(f"unsupported architecture {arch!r}; thinkv supports {', '.join(ARCHITECTURES)}")
@@ -47,12 +47,15 @@ class ModelInfo:
         rotary = model.model.rotary_emb
         if getattr(cfg, "partial_rotary_factor", 1.0) not in (1, 1.0, None):
             raise ThinKVError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            raise ThinKVError(f"attention logit soft-capping ({cfg.attn_logit_softcapping}) is not supported: the thin "
+                              "attention and the thinkv kernels compute plain softmax(q·k·scale)")
         return cls(
             architecture=arch,
             head_dim=head_dim,
             num_heads=cfg.num_attention_heads,
             num_kv_heads=cfg.num_key_value_heads,
-            inv_freq=rotary.inv_freq.detach().float().cpu().clone(),
+            inv_freq=rotary.inv_freq.detach().float().cpu().clone() if hasattr(rotary, "inv_freq") else None,
             rope_type=rope_type(cfg),
             max_positions=int(getattr(cfg, "max_position_embeddings", 4096)),
         )

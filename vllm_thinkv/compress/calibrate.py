@@ -18,8 +18,8 @@ The logit error of a key matters in proportion to the probability it gets: a
 sink token that takes half of a head's attention must keep its logit, a key
 nobody attends to need not. On SmolLM2 (pca, r = 32) this lowered PPL by 3.5%
 against uniform weights; centring the keys instead made it 1.7% worse.
-The probabilities are the original model's causal softmax with scale d**-0.5
-(a sliding window, if any, is ignored).
+The probabilities are the original model's causal softmax with its own scale
+(d**-0.5, or Gemma's query_pre_attn_scalar**-0.5); a sliding window, if any, is ignored.
 
 Everything (the probabilities included) is computed in float64 so that r = d
 stays exact (until issue 23 the probabilities were float32; the statistics
@@ -95,12 +95,12 @@ def _weighted_gram(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.bmm((x * w[..., None]).transpose(1, 2), x)
 
 
-def _received_attention(q: torch.Tensor, k: torch.Tensor, block: int) -> torch.Tensor:
+def _received_attention(q: torch.Tensor, k: torch.Tensor, block: int, scaling: float | None = None) -> torch.Tensor:
     """q [Hkv, T, g, d], k [Hkv, T, 1, d] (float64, `_kv_major`) -> attention mass per key [Hkv, T],
     summed over the group's query heads: `block` queries at a time against the keys they
     can see, so only the diagonal block is masked and the work stays in cache."""
     hkv, t, g, d = q.shape
-    k = k.flatten(1, 2) * d**-0.5  # [Hkv, T, d]
+    k = k.flatten(1, 2) * (d**-0.5 if scaling is None else scaling)  # [Hkv, T, d]
     masked = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)[:, None, :]  # key after query
     mass = torch.zeros(hkv, t, dtype=q.dtype, device=q.device)
     for i0 in range(0, t, block):
@@ -129,7 +129,7 @@ class _Accumulator:
         g = la.q.shape[1] // hkv
         # RoPE in the model's dtype (what it attends with), then float64
         q_rope, k_rope = _kv_major(la.q_rope, hkv), _kv_major(la.k_rope, hkv)
-        w = _received_attention(q_rope, k_rope, ATTENTION_BLOCK) / g  # [Hkv, T], mean 1
+        w = _received_attention(q_rope, k_rope, ATTENTION_BLOCK, la.scaling) / g  # [Hkv, T], mean 1
         stacked = k_rope.transpose(0, 1).flatten(1)  # [T, Hkv·d]: token t's keys of all KV heads
         update = LayerStats(
             cq_pre=_gram(_kv_major(la.q, hkv)),

@@ -66,7 +66,7 @@ def request_from_args(args: argparse.Namespace) -> tuple[CompressRequest, object
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="original HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="original HF checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the thin-key checkpoint")
     add_request_arguments(parser)
     parser.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, cuda:1, ...)")

@@ -3,7 +3,7 @@
 Calibration (`compress`), analysis (`analyze`) and tests all need per-layer,
 per-head queries, keys and values, before and after RoPE. Rather than copying
 each architecture's attention forward, a pre-hook on every `self_attn` module
-re-runs the module's own projections (and Qwen3's q/k norms) on the layer input,
+re-runs the module's own projections (and Qwen3's / Gemma 3's q/k norms) on the layer input,
 so the captured tensors are exactly what the model attends with.
 
 Consumers receive one layer at a time through a callback and accumulate
@@ -34,7 +34,7 @@ class LayerAttention:
     """One layer's attention inputs for one sequence (batch size 1).
 
     q [T, H, d], k [T, Hkv, d], v [T, Hkv, d] are pre-RoPE (after Qwen3's
-    q/k norm, if any); cos/sin [T, d] are the layer's rotary tables; hidden
+    or Gemma 3's q/k norm, if any); cos/sin [T, d] are the layer's rotary tables; hidden
     [T, hidden_size] is the attention input (to run other q/k projections on it).
     """
 
@@ -45,6 +45,7 @@ class LayerAttention:
     cos: torch.Tensor
     sin: torch.Tensor
     hidden: torch.Tensor | None = None
+    scaling: float | None = None  # the layer's softmax scale (Gemma: query_pre_attn_scalar**-0.5); None: d**-0.5
 
     @property
     def q_rope(self) -> torch.Tensor:
@@ -104,6 +105,7 @@ def capture(
                     cos=cos[0].to(h.dtype),
                     sin=sin[0].to(h.dtype),
                     hidden=h,
+                    scaling=getattr(module, "scaling", None),
                 )
             )
             if stop_after is not None and idx >= stop_after:

@@ -34,15 +34,33 @@ def read_texts(paths: list[str | Path] | None, skip_chars: int = 0) -> str:
 def token_windows(tokenizer, text: str, ctx: int, max_tokens: int | None = None, min_windows: int = 1) -> torch.Tensor:
     """Tokenise `text` and cut it into non-overlapping windows: LongTensor [N, ctx].
 
+    Each window starts with what the tokenizer puts before a text (`text_prefix`:
+    Gemma's `<bos>`, which it needs at the start of every sequence; nothing for
+    SmolLM2), followed by ctx minus that many text tokens.
     Raises ThinKVError when the text yields fewer than `min_windows` full windows.
     """
+    prefix = text_prefix(tokenizer)
+    body = ctx - len(prefix)
+    if body < 1:
+        raise ThinKVError(f"a window of {ctx} tokens leaves no room for text after the tokenizer's prefix {prefix}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = len(ids) // ctx
+        ids = ids[: max_tokens // ctx * body]
+    n = len(ids) // body
     if n < min_windows:
         raise ThinKVError(
             f"too little text: {len(ids)} tokens make {n} window(s) of {ctx}; need at least {min_windows} "
-            f"({min_windows * ctx} tokens)"
+            f"({min_windows * body} text tokens)"
         )
-    return torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx)
+    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n, -1), windows], dim=1)
+
+
+def text_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. `[<bos>]`; often none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    cut = len(full) - len(plain)
+    if cut < 0 or full[cut:] != plain:  # suffix tokens (e.g. an <eos>) are not a prefix
+        cut = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+    return full[:cut]

@@ -9,8 +9,8 @@ the original softmax scale d**-0.5:
   (query head h uses row h // g, g = H / Hkv). Layout within a thin head: HF
   "neox"/rotate_half, i.e. thin pair j is dims (j, j + r/2) rotating at
   ``rope_inv_freq[kv, j] · position``. Angles are computed in fp32.
-* ``post_rope_projection`` (pca; pairs on Qwen3): the original q/k (with
-  Qwen3's q/k norms) and the original RoPE at full d, then
+* ``post_rope_projection`` (pca; pairs on Qwen3 and Gemma 3): the original q/k (with
+  Qwen3's or Gemma 3's q/k norms) and the original RoPE at full d, then
   ``q̃_h = q_hᵀ · q_basis[h // g]`` and ``k̃ = kᵀ · k_basis[kv]`` with
   ``q_basis``/``k_basis [Hkv, d, r]``.
 * ``shared_projection`` (joint): as above, but one latent per group of S KV

@@ -16,14 +16,17 @@ vLLM's parallel layers. Two forms (see `vllm_thinkv.config`):
   S rows of r per token; the backend views it back (`ThinKVImpl.forward`).
 
 Either way the layer hands q [T, H·r], k [T, Hkv·r], v [T, Hkv·d] to vLLM's
-`Attention(head_size=r, head_size_v=d)` with the original d^-0.5 scale, so the
+`Attention(head_size=r, head_size_v=d)` with the original scale, so the
 KV cache holds r + d values per token and KV head. The backend is always
 thinkv (the class the model checked for its deployment, `backend.deployment`):
 a thin model on any other backend would compute garbage.
 
 Family differences handled here: Qwen2 has q/k/v biases (its config has no
-`attention_bias` flag); Qwen3 RMS-normalises each q/k head before RoPE (only
-the projection form can follow that, which `thinkv compress` enforces).
+`attention_bias` flag); Qwen3 and Gemma 3 RMS-normalise each q/k head before
+RoPE (only the projection forms can follow that, which `thinkv compress`
+enforces); Gemma 3 also scales by query_pre_attn_scalar**-0.5 and has one RoPE
+per layer type. A layer typed "sliding_attention" (Gemma 3, Llama-family configs
+with `layer_types`) attends over `config.sliding_window`, as in vLLM's models.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.utils import extract_layer_index
@@ -63,9 +66,12 @@ class ThinKVAttention(nn.Module):
         backend: type[ThinKVBackend],
     ) -> None:
         super().__init__()
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            raise ThinKVError("thin-key models do not support sliding-window attention layers")
         model_type = getattr(config, "model_type", "")
+        layer = extract_layer_index(prefix)
+        layer_type = (getattr(config, "layer_types", None) or [None] * (layer + 1))[layer]
+        # vLLM's own rule (Llama, Gemma 3): a layer typed "sliding_attention" attends over config.sliding_window
+        sliding_window = config.sliding_window if layer_type == "sliding_attention" else None
+        gemma = model_type == "gemma3_text"
         bias = bias or model_type == "qwen2"
         tp_size = get_tensor_model_parallel_world_size()
         if num_kv_heads % tp_size:
@@ -82,7 +88,7 @@ class ThinKVAttention(nn.Module):
                 f"tensor-parallel size that keeps each share group on one rank"
             )
         self.head_dim = d = getattr(config, "head_dim", None) or hidden_size // num_heads
-        self.rank = r = thin.ranks[extract_layer_index(prefix)]
+        self.rank = r = thin.ranks[layer]
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = num_kv_heads // tp_size
         self.group = self.num_heads // self.num_kv_heads
@@ -94,23 +100,28 @@ class ThinKVAttention(nn.Module):
         self.o_proj = RowParallelLinear(input_size=num_heads * d, output_size=hidden_size, bias=bias_o_proj,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_norm = self.k_norm = None
-        if model_type == "qwen3":
+        if model_type == "qwen3" or gemma:
             if self.form == "rope_subspace":
-                raise ThinKVError("Qwen3 thin checkpoints must use a post-RoPE form (post_rope_projection or "
+                raise ThinKVError(f"{model_type} thin checkpoints must use a post-RoPE form (post_rope_projection or "
                                   "shared_projection): its per-head q/k norms sit before RoPE")
-            self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+            norm = GemmaRMSNorm if gemma else RMSNorm  # Gemma scales by (1 + weight)
+            self.q_norm = norm(d, eps=config.rms_norm_eps)
+            self.k_norm = norm(d, eps=config.rms_norm_eps)
         if self.form == "rope_subspace":
             self.rope_inv_freq = self._kv_head_parameter((self.num_kv_heads, r // 2), torch.float32)
         else:
+            rope_parameters = getattr(config, "rope_parameters", None)
+            if gemma:  # one RoPE per layer type (local and global bases)
+                rope_parameters = rope_parameters[layer_type]
             self.rotary_emb = get_rope(d, max_position=max_position_embeddings,
-                                       rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
+                                       rope_parameters=rope_parameters, is_neox_style=True)
             self.q_basis = self._kv_head_parameter((self.num_kv_heads, d, share * r), None)
             self.k_basis = self._kv_head_parameter((self.num_kv_heads // share, share * d, share * r), None)
         shared = {"key_share": share} if share > 1 else {}  # an extra impl argument, for the backend alone
-        self.attn = Attention(self.num_heads, r, d**-0.5, num_kv_heads=self.num_kv_heads, cache_config=cache_config,
+        scale = config.query_pre_attn_scalar**-0.5 if gemma else d**-0.5  # the original model's
+        self.attn = Attention(self.num_heads, r, scale, num_kv_heads=self.num_kv_heads, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn", attn_type=attn_type,
-                              attn_backend=backend, head_size_v=d, **shared)
+                              per_layer_sliding_window=sliding_window, attn_backend=backend, head_size_v=d, **shared)
 
     def _kv_head_parameter(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Parameter:
         """A per-KV-head tensor; each tensor-parallel rank loads its KV heads' rows."""
@@ -142,7 +153,7 @@ class ThinKVAttention(nn.Module):
         k = torch.einsum("tkd,kdr->tkr", k.view(t, groups, self.share * self.head_dim), self.k_basis)
         return q.reshape(t, -1), k.reshape(t, -1)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split(self.splits, dim=-1)
         if self.q_norm is not None:

@@ -81,21 +81,28 @@ def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None
         )
 
 
+def prepare_thin(vllm_config) -> tuple[ThinKVConfig, type, dict | None]:
+    """The thin section (compressing the original checkpoint first for a load-time request),
+    the backend class every thin layer uses, and the load-time tensors (None for a thin checkpoint)."""
+    section = thin_section(vllm_config)
+    # vLLM's selector never sees a layer built with an explicit backend: check the
+    # deployment here, once, and before a load-time compression spends minutes.
+    if isinstance(section, ThinKVConfig):
+        ranks, share = section.ranks, section.share_group
+    else:
+        hf_config = vllm_config.model_config.hf_config
+        ranks = [section.rank or section.rank_budget]
+        share = section.share_group_for(hf_config.num_key_value_heads)
+    backend = thin_model_backend(vllm_config, ranks, share)
+    thin, thin_tensors = ((section, None) if isinstance(section, ThinKVConfig)
+                          else _compress_at_load(vllm_config, section))
+    warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)
+    return thin, backend, thin_tensors
+
+
 class ThinKVForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
-        section = thin_section(vllm_config)
-        # vLLM's selector never sees a layer built with an explicit backend: check the
-        # deployment here, once, and before a load-time compression spends minutes.
-        if isinstance(section, ThinKVConfig):
-            ranks, share = section.ranks, section.share_group
-        else:
-            hf_config = vllm_config.model_config.hf_config
-            ranks = [section.rank or section.rank_budget]
-            share = section.share_group_for(hf_config.num_key_value_heads)
-        backend = thin_model_backend(vllm_config, ranks, share)
-        thin, thin_tensors = ((section, None) if isinstance(section, ThinKVConfig)
-                              else _compress_at_load(vllm_config, section))
-        warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)
+        thin, backend, thin_tensors = prepare_thin(vllm_config)
         layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin, backend=backend))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.thin = thin
