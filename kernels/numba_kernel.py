@@ -53,16 +53,20 @@ def half_to_float_bits(h):
 
 @njit(cache=True)
 def decode(src, start, n, mode, dst, at):
-    """dst[at : at + n] (fp32 bits) <- the n cache values at src[start : start + n] (their raw bits)."""
+    """dst[at : at + n] (fp32 bits) <- the n cache values at src[start : start + n] (their raw bits).
+    Loops run over slices with range() indices: numba then knows they are non-negative and emits no
+    wraparound checks, so LLVM vectorises them (the same holds for the loops in `attend`)."""
+    values = src[start : start + n]
+    bits = dst[at : at + n]
     if mode == FP32:
         for i in range(n):
-            dst[at + i] = np.uint32(src[start + i])
+            bits[i] = np.uint32(values[i])
     elif mode == BF16:
         for i in range(n):
-            dst[at + i] = np.uint32(np.uint16(src[start + i])) << 16
+            bits[i] = np.uint32(np.uint16(values[i])) << 16
     else:
         for i in range(n):
-            dst[at + i] = half_to_float_bits(np.uint32(np.uint16(src[start + i])))
+            bits[i] = half_to_float_bits(np.uint32(np.uint16(values[i])))
 
 
 @njit(cache=True)
@@ -131,8 +135,8 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
         acc = np.zeros((rows, d), np.float32)
         k_bits = np.empty(block_size * qk, np.uint32)
         v_bits = np.empty(block_size * key_share * d, np.uint32)
-        k_tile = k_bits.view(np.float32)
-        v_tile = v_bits.view(np.float32)
+        k_tile = k_bits.view(np.float32).reshape(block_size, qk)
+        v_tile = v_bits.view(np.float32).reshape(block_size * key_share, d)
         scores = np.empty(block_size, np.float32)
 
         for part in range(2):  # the kept keys before the gap, then after it
@@ -160,11 +164,14 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                         continue
                     for hh in range(heads):
                         row = i * heads + hh
+                        q_row = q_rows[row]
+                        acc_row = acc[row]
                         tile_max = np.float32(-np.inf)
                         for t in range(n_visible):
+                            k_row = k_tile[t]
                             dot = np.float32(0.0)
                             for c in range(qk):
-                                dot += q_rows[row, c] * k_tile[t * qk + c]
+                                dot += q_row[c] * k_row[c]
                             scores[t] = dot
                             tile_max = max(tile_max, dot)
                         m_new = max(m[row], tile_max)
@@ -172,14 +179,14 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                         if alpha != 1.0:
                             l[row] *= alpha
                             for c in range(d):
-                                acc[row, c] *= alpha
+                                acc_row[c] *= alpha
                         v_head = hh // group
                         for t in range(n_visible):
                             p = np.float32(math.exp(scores[t] - m_new))
                             l[row] += p
-                            base = (t * key_share + v_head) * d
+                            v_row = v_tile[t * key_share + v_head]
                             for c in range(d):
-                                acc[row, c] += p * v_tile[base + c]
+                                acc_row[c] += p * v_row[c]
                         m[row] = m_new
                 pos = tile_end
 
