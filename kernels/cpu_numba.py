@@ -70,6 +70,19 @@ def _raw(cache: torch.Tensor, bits: torch.dtype):
     return flat.numpy(), (cache.storage_offset(), *cache.stride()[:3])
 
 
+@functools.cache
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile the kernels for a cache dtype (or load them from numba's disk cache) with a tiny call, split
+    and unsplit, so that a server compiles while it starts rather than inside its first request."""
+    num_blocks, block_size, r, d = 2, 16, 8, 16
+    packed = torch.zeros(num_blocks, block_size, 1, r + d, dtype=dtype)
+    table = torch.tensor([[1]], dtype=torch.int32)
+    for splits in (1, 2):
+        paged_attention_numba(torch.zeros(1, 1, r, dtype=dtype), packed[..., :r], packed[..., r:], table,
+                              torch.tensor([0, 1], dtype=torch.int32), torch.tensor([block_size], dtype=torch.int32),
+                              1.0, num_splits=splits)
+
+
 def decode_splits(num_seqs: int, num_groups: int, max_seqlen_q: int, max_seqlen_k: int, threads: int) -> int:
     """KV splits per sequence: > 1 only for decode-only batches with fewer jobs than threads."""
     jobs = num_seqs * num_groups
@@ -147,4 +160,4 @@ def kv_bytes_read(seq_lens: list[int], gaps: list[tuple[int, int]] | None, num_k
     return kept * num_kv_heads * (r + d) * element_size
 
 
-__all__ = ["available", "decode_splits", "kv_bytes_read", "paged_attention_numba"]
+__all__ = ["available", "decode_splits", "kv_bytes_read", "paged_attention_numba", "warm_up"]

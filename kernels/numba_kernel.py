@@ -28,6 +28,8 @@ import numpy as np
 from numba import njit, prange
 
 FP32, BF16, FP16 = 0, 1, 2  # how `decode` reads the cache's raw bits
+LOG2E = 1.4426950408889634  # scores are kept in log2 units: softmax weights are powers of two (`exp2_tile`)
+LN2 = 0.6931471805599453
 # No 'nnan'/'ninf': the online softmax starts from -inf.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
@@ -69,6 +71,30 @@ def decode(src, start, n, mode, dst, at):
             bits[i] = half_to_float_bits(np.uint32(np.uint16(values[i])))
 
 
+@njit(cache=True, fastmath=FASTMATH)
+def exp2_tile(x, m, n, out, bits):
+    """out[:n] = 2 ** (x[:n] - m) for x <= m, in two loops that LLVM vectorises (numba's exp is a scalar
+    libm call per element, which dominated the kernel): 2^y = 2^k * 2^f with k = round(y) written as float
+    bits and 2^f = e^(f ln 2), f in [-1/2, 1/2], by its degree-7 Taylor polynomial (relative error < 1e-8,
+    below float32 rounding). Underflow: y is clamped at -126 (2^-126: a weight no sum can see)."""
+    for t in range(n):
+        y = max(x[t] - m, np.float32(-126.0))
+        k = np.floor(y + np.float32(0.5))
+        z = (y - k) * np.float32(LN2)
+        poly = np.float32(1.0 / 5040.0)
+        poly = poly * z + np.float32(1.0 / 720.0)
+        poly = poly * z + np.float32(1.0 / 120.0)
+        poly = poly * z + np.float32(1.0 / 24.0)
+        poly = poly * z + np.float32(1.0 / 6.0)
+        poly = poly * z + np.float32(0.5)
+        poly = poly * z + np.float32(1.0)
+        out[t] = poly * z + np.float32(1.0)
+        bits[t] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    scale = bits.view(np.float32)
+    for t in range(n):
+        out[t] *= scale[t]
+
+
 @njit(cache=True)
 def plan_jobs(cu_seqlens_q, q_tokens, num_splits):
     """(sequence, first query token, split) of every job but the head-group axis, sequence by sequence."""
@@ -96,7 +122,7 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
            gaps, job_seq, job_q0, job_split, num_splits, num_kv_heads, r, d, key_share, q_tokens, scale,
            out, part_acc, part_m, part_l, bad_block):
     """Attention of every job; num_splits == 1 writes normalised rows to `out` [T, H, d] float32, otherwise
-    each split writes its unnormalised accumulator, running max and sum to part_* for `merge_splits`.
+    each split writes its unnormalised accumulator, running max (log2 units) and sum to part_* for `merge_splits`.
 
     q [T, H, key_share * r] float32; k_src / v_src: 1-D raw cache storage (int32 or int16 bits);
     k_strides / v_strides: (storage offset, block, token, head) strides in elements (unit stride along
@@ -129,7 +155,7 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
         for i in range(n_q):
             for hh in range(heads):
                 for c in range(qk):
-                    q_rows[i * heads + hh, c] = q[first + q0 + i, share_group * heads + hh, c] * scale
+                    q_rows[i * heads + hh, c] = q[first + q0 + i, share_group * heads + hh, c] * scale * LOG2E
         m = np.full(rows, -np.inf, np.float32)
         l = np.zeros(rows, np.float32)
         acc = np.zeros((rows, d), np.float32)
@@ -138,6 +164,8 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
         k_tile = k_bits.view(np.float32).reshape(block_size, qk)
         v_tile = v_bits.view(np.float32).reshape(block_size * key_share, d)
         scores = np.empty(block_size, np.float32)
+        weights = np.empty(block_size, np.float32)
+        pow2 = np.empty(block_size, np.int32)
 
         for part in range(2):  # the kept keys before the gap, then after it
             start = lo if part == 0 else max(lo, gap_hi)
@@ -175,14 +203,15 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                             scores[t] = dot
                             tile_max = max(tile_max, dot)
                         m_new = max(m[row], tile_max)
-                        alpha = np.float32(math.exp(m[row] - m_new))
+                        alpha = np.float32(math.exp((m[row] - m_new) * LN2))
                         if alpha != 1.0:
                             l[row] *= alpha
                             for c in range(d):
                                 acc_row[c] *= alpha
                         v_head = hh // group
+                        exp2_tile(scores, m_new, n_visible, weights, pow2)
                         for t in range(n_visible):
-                            p = np.float32(math.exp(scores[t] - m_new))
+                            p = weights[t]
                             l[row] += p
                             v_row = v_tile[t * key_share + v_head]
                             for c in range(d):
@@ -222,7 +251,7 @@ def merge_splits(part_acc, part_m, part_l, out):
         total = np.float32(0.0)
         for s in range(num_splits):
             if part_l[s, token, head] > 0:
-                w = np.float32(math.exp(part_m[s, token, head] - m))
+                w = np.float32(math.exp((part_m[s, token, head] - m) * LN2))  # maxima in log2 units
                 total += part_l[s, token, head] * w
                 for c in range(d):
                     out[token, head, c] += part_acc[s, token, head, c] * w

@@ -37,6 +37,8 @@ class AttentionOps:
     write_kv: Callable[..., None]
     # (cache [B, N, Hkv, D], block ids, start, end) -> tokens [end - start, Hkv, D]; torch on every device
     gather_tokens: Callable[..., torch.Tensor]
+    # called at layer construction with the cache dtype: JIT ops compile at start-up, not in a request
+    prepare: Callable[[torch.dtype], None] = lambda dtype: None
 
 
 @functools.cache
@@ -55,7 +57,8 @@ def select_ops(device_type: str) -> AttentionOps:
     choice = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower()
     if not choice:  # the default: numba where it is installed
         if cpu_numba.available():
-            return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens)
+            return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+                                cpu_numba.warm_up)
         return AttentionOps("torch (numba is not installed)", kernels.paged_attention_torch, kernels.write_kv_torch,
                             gather_tokens)
     if choice not in CPU_ATTENTION_CHOICES:
@@ -72,5 +75,6 @@ def select_ops(device_type: str) -> AttentionOps:
     if choice == "numba":
         if not cpu_numba.available():
             raise ThinKVError(f"{CPU_ATTENTION_ENV}=numba needs numba (pip install numba), or choose torch")
-        return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens)
+        return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+                            cpu_numba.warm_up)
     return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch, gather_tokens)
