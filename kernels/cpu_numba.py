@@ -13,7 +13,8 @@ Parallelism: numba threads over jobs (sequence, share group, chunk of Q_TOKENS q
 tokens); a decode-only batch with fewer jobs than threads also splits each sequence's
 KV range (>= MIN_SPLIT_TOKENS keys per split) and merges the splits. The thread count
 follows torch.get_num_threads() (vLLM's CPU worker sets it to its bound cores), capped by
-numba's pool size, so numba and torch never run more threads than torch was given.
+numba's pool size, so numba and torch never run more threads than torch was given, and
+numba's pool runs on the cores torch's threads are pinned to (`_start_pool`).
 
 numba is imported on first use, so this package imports without it; the JIT result is
 cached on disk (numba cache=True: next to the module, or numba's user cache dir when that
@@ -23,6 +24,8 @@ is read-only), so only a process's first call with a new cache dtype compiles.
 from __future__ import annotations
 
 import functools
+import glob
+import os
 import types
 
 import torch
@@ -49,9 +52,49 @@ def available() -> bool:
 
 @functools.cache
 def _kernel() -> types.ModuleType:
+    import numba
+
     from . import numba_kernel
 
+    _start_pool(numba, numba_kernel)
+
     return numba_kernel
+
+
+def _pinned_cores() -> set[int] | None:
+    """The cores torch's OpenMP threads are pinned to, when the calling thread is pinned to a single core
+    (vLLM's CPU worker pins each of torch's threads, the main one included, to one core of its bound set):
+    the union of this process's single-core thread masks. None when not pinned or not on Linux."""
+    try:
+        if len(os.sched_getaffinity(0)) != 1:
+            return None
+        cores: set[int] = set()
+        for status in glob.glob("/proc/self/task/*/status"):
+            with open(status) as f:
+                allowed = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("Cpus_allowed_list")), "")
+            if allowed.isdigit():
+                cores.add(int(allowed))
+    except (OSError, AttributeError):
+        return None
+    return cores if len(cores) > 1 else None
+
+
+def _start_pool(numba, kernel: types.ModuleType) -> None:
+    """Start numba's thread pool across the cores torch was given. numba's OpenMP runtime is not torch's
+    (a separate libgomp), and its threads inherit the CPU mask of the thread that starts the pool: inside a
+    vLLM CPU worker that is the main thread, pinned to one core, so every numba thread would share that
+    core. The pool's threads are created (by a parallel loop over every pool thread: OpenMP creates them
+    on first use) with the caller's mask widened to torch's cores, which is then restored."""
+    cores = _pinned_cores()
+    if not cores:
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        kernel.start_threads(numba.config.NUMBA_NUM_THREADS)
+    finally:
+        os.sched_setaffinity(0, mine)
 
 
 def _threads(numba) -> int:

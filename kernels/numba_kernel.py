@@ -71,6 +71,15 @@ def decode(src, start, n, mode, dst, at):
             bits[i] = half_to_float_bits(np.uint32(np.uint16(values[i])))
 
 
+@njit(parallel=True, cache=True)
+def start_threads(n):
+    """A parallel loop over n iterations: makes the threading layer create its threads (`cpu_numba._start_pool`)."""
+    total = 0
+    for i in prange(n):
+        total += i
+    return total
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def exp2_tile(x, m, n, out, bits):
     """out[:n] = 2 ** (x[:n] - m) for x <= m, in two loops that LLVM vectorises (numba's exp is a scalar

@@ -9,6 +9,8 @@ The kernel runs on CPU tensors whatever device the other kernel tests use.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -163,3 +165,40 @@ def test_non_unit_head_stride_is_rejected():
     strided.copy_(batch.value_cache)
     with pytest.raises(ThinKVError, match="unit stride"):
         paged_attention_numba(batch.q, batch.key_cache, strided, *batch.args()[3:])
+
+
+POOL_PROBE = """
+import glob, os, threading, time, torch
+def masks():
+    out = {}
+    for status in glob.glob("/proc/self/task/*/status"):
+        fields = dict(line.split(":", 1) for line in open(status) if ":" in line)
+        out[status.split("/")[4]] = fields["Cpus_allowed_list"].strip()
+    return out
+torch.set_num_threads(2)
+os.sched_setaffinity(0, {0})  # as vLLM's CPU worker leaves the main thread: pinned to the first bound core
+pinned = threading.Thread(target=lambda: (os.sched_setaffinity(0, {1}), time.sleep(60)), daemon=True)
+pinned.start()  # ... and another of torch's threads to the second
+time.sleep(0.2)
+before = masks()
+from vllm_thinkv.kernels.cpu_numba import warm_up
+warm_up(torch.float32)
+new = {tid: m for tid, m in masks().items() if tid not in before}
+print(sorted(new.values()), os.sched_getaffinity(0))
+"""
+
+
+def test_thread_pool_runs_on_the_cores_torch_was_given():
+    """numba's threads inherit the mask of the thread that starts its pool; started from a main thread pinned
+    to one core (vLLM's binding), they must still spread over torch's cores, and the main thread stays pinned."""
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable cores to pin two threads apart")
+    proc = subprocess.run([sys.executable, "-c", POOL_PROBE], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new_masks, main_mask = proc.stdout.strip().splitlines()[-1].split("] ")
+    assert "'0-1'" in new_masks and "'0'" not in new_masks.replace("'0-1'", ""), proc.stdout
+    assert main_mask == "{0}"
