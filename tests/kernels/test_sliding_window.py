@@ -1,5 +1,6 @@
 """Sliding-window attention (key p visible to the query at t iff t - W < p <= t, vLLM's convention)
-against the float64 reference, in the Triton kernels (interpreter on CPU) and the torch path.
+against the float64 reference, in the Triton kernels (interpreter on CPU), the torch path and the
+numba CPU kernel.
 
 Positions left of every query's window are never written (NaN) and their whole blocks
 map to the NaN null block 0 (`testing.random_paged_batch`, as vLLM frees blocks that slid
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from vllm_thinkv.kernels import launch, paged_attention, paged_attention_torch
+from vllm_thinkv.kernels.cpu_numba import paged_attention_numba
 from vllm_thinkv.kernels.attention import plan_attention
 from vllm_thinkv.kernels.checks import attention_shape
 from vllm_thinkv.kernels.testing import PagedBatch, random_paged_batch
@@ -48,6 +50,9 @@ def _check_both_paths(batch: PagedBatch, dtype: torch.dtype, what: str, num_spli
     assert_close_to_reference(out, ref, dtype, f"triton, {what}, splits={num_splits}")
     out = paged_attention_torch(*batch.args(), out=poisoned_out(batch, LAYOUT_D), **opts)
     assert_close_to_reference(out, ref, dtype, f"torch path, {what}")
+    if batch.block_table.device.type == "cpu":
+        out = paged_attention_numba(*batch.args(), out=poisoned_out(batch, LAYOUT_D), num_splits=num_splits, **opts)
+        assert_close_to_reference(out, ref, dtype, f"numba, {what}, splits={num_splits}")
 
 
 @pytest.mark.parametrize("num_splits", [None, 3])
@@ -102,6 +107,8 @@ def test_window_changes_the_result():
                               "window after refill")
     assert_close_to_reference(paged_attention_torch(*batch.args(), sliding_window=23), ref, torch.float32,
                               "torch path after refill")
+    assert_close_to_reference(paged_attention_numba(*batch.args(), sliding_window=23), ref, torch.float32,
+                              "numba after refill")
 
 
 def test_decode_splits_cover_only_the_window():

@@ -11,6 +11,13 @@ def attention_classes(model) -> list[str]:
     )
 
 
+def attention_ops(model) -> list[str]:
+    """Which ops (`backend.ops.AttentionOps.name`) the worker's thinkv attention layers run."""
+    from vllm.model_executor.layers.attention import Attention
+
+    return sorted({m.impl.ops.name for m in model.modules() if isinstance(m, Attention) and hasattr(m.impl, "ops")})
+
+
 def snapkv_selections(model) -> list[list[tuple[int, list[list[int]]]]]:
     """Per attention layer, in model order: its recent SnapKV selections, oldest
     first, each (prompt length, kept token indices [Hkv][budget])."""

@@ -25,7 +25,8 @@ def check_run(run: dict, impl: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_llama_dir):
     spec = make_spec(tiny_llama_dir)
-    return run_engine(spec), run_engine({**spec, "engine": {**spec["engine"], "attention_backend": "thinkv"}})
+    thinkv = {**spec, "engine": {**spec["engine"], "attention_backend": "thinkv"}}
+    return run_engine(spec), run_engine(thinkv, probes=("attention_ops",))
 
 
 def test_plugin_installed_but_not_asked_keeps_stock_attention(tiny_runs):
@@ -36,7 +37,18 @@ def test_plugin_installed_but_not_asked_keeps_stock_attention(tiny_runs):
 def test_tiny_llama_thinkv_matches_stock(tiny_runs):
     stock, thinkv = tiny_runs
     check_run(thinkv, THINKV_IMPL)
+    assert thinkv["attention_ops"] == ["numba"], "numba is the default CPU attention"
     assert_greedy_equal(stock["results"], thinkv["results"])
+
+
+def test_torch_path_inside_engine(tiny_llama_dir, tiny_runs):
+    """THINKV_CPU_ATTENTION=torch (the gathering fallback) serves the same requests."""
+    stock, _ = tiny_runs
+    spec = make_spec(tiny_llama_dir, attention_backend="thinkv")
+    run = run_engine(spec, env={"THINKV_CPU_ATTENTION": "torch"}, probes=("attention_ops",))
+    check_run(run, THINKV_IMPL)
+    assert run["attention_ops"] == ["torch"]
+    assert_greedy_equal(stock["results"], run["results"])
 
 
 def test_smollm2_thinkv_matches_stock(smollm2_runs):

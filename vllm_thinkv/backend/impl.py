@@ -93,6 +93,8 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.kv_sharing_target_layer_name = None
         self.ops = select_ops("cpu" if current_platform.is_cpu() else "cuda")
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
+        # The model dtype is the cache's (the kernels read K/V in q's dtype); vLLM builds layers under it.
+        self.ops.prepare(torch.get_default_dtype() if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype))
         # Made on the first step that carries a SnapKV plan, from the settings the
         # plan carries (the KV-cache spec's, through the metadata builder).
         self.snapkv_layer: SnapKVLayer | None = None

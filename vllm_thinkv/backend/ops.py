@@ -1,12 +1,15 @@
 """Which implementation of the attention ops a layer calls (write, attend, gather).
 
-CUDA: the Triton kernels. CPU: by default the vectorised torch implementation
-of the same ops (same inputs, same packed cache) because the Triton interpreter
-runs a kernel program in milliseconds — a 4k-token prompt through 30 layers
-would take many minutes. `THINKV_CPU_ATTENTION=triton` routes CPU attention
-through the real Triton kernels under the interpreter (needs `TRITON_INTERPRET=1`
-set before Triton is first imported), which is how CI checks the kernels
-inside a running vLLM engine.
+CUDA: the Triton kernels. CPU (`THINKV_CPU_ATTENTION`): by default `numba`, the
+JIT-compiled kernel that reads K and V in place from the paged cache
+(`kernels.cpu_numba`); `torch`, the vectorised torch implementation of the same op
+(gathers each sequence's blocks first: slower, the readable fallback and test oracle);
+`triton`, the real Triton kernels under the interpreter (needs `TRITON_INTERPRET=1`
+set before Triton is first imported; a kernel program takes milliseconds there, so
+only for tests), which is how CI checks the kernels inside a running vLLM engine.
+Without numba installed the default is `torch`, and the ops' name says so (the
+backend logs it); asking for `numba` explicitly without it is an error.
+Cache writes and SnapKV's gather use torch on CPU whichever attention runs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from vllm_thinkv.errors import ThinKVError
 
 CPU_ATTENTION_ENV = "THINKV_CPU_ATTENTION"
-CPU_ATTENTION_CHOICES = ("torch", "triton")
+CPU_ATTENTION_CHOICES = ("numba", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class AttentionOps:
     write_kv: Callable[..., None]
     # (cache [B, N, Hkv, D], block ids, start, end) -> tokens [end - start, Hkv, D]; torch on every device
     gather_tokens: Callable[..., torch.Tensor]
+    # called at layer construction with the cache dtype: JIT ops compile at start-up, not in a request
+    prepare: Callable[[torch.dtype], None] = lambda dtype: None
 
 
 @functools.cache
@@ -42,13 +47,20 @@ def select_ops(device_type: str) -> AttentionOps:
     depend only on it and on the environment at start-up); raises ThinKVError on
     an unusable configuration."""
     from vllm_thinkv import kernels
+    from vllm_thinkv.kernels import cpu_numba
     from vllm_thinkv.kernels.torch_ops import gather_tokens
 
     if device_type == "cuda":
         return AttentionOps("triton", kernels.paged_attention, kernels.write_kv, gather_tokens)
     if device_type != "cpu":
         raise ThinKVError(f"thinkv backend: device type {device_type!r} is not supported (supported: cuda, cpu)")
-    choice = os.environ.get(CPU_ATTENTION_ENV, "torch").strip().lower()
+    choice = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower()
+    if not choice:  # the default: numba where it is installed
+        if cpu_numba.available():
+            return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+                                cpu_numba.warm_up)
+        return AttentionOps("torch (numba is not installed)", kernels.paged_attention_torch, kernels.write_kv_torch,
+                            gather_tokens)
     if choice not in CPU_ATTENTION_CHOICES:
         raise ThinKVError(
             f"{CPU_ATTENTION_ENV}={choice!r} is not valid (choose one of: {', '.join(CPU_ATTENTION_CHOICES)})"
@@ -60,4 +72,9 @@ def select_ops(device_type: str) -> AttentionOps:
                 "interpreter: also set TRITON_INTERPRET=1 (before starting vLLM)"
             )
         return AttentionOps("triton-interpreter", kernels.paged_attention, kernels.write_kv, gather_tokens)
+    if choice == "numba":
+        if not cpu_numba.available():
+            raise ThinKVError(f"{CPU_ATTENTION_ENV}=numba needs numba (pip install numba), or choose torch")
+        return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+                            cpu_numba.warm_up)
     return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch, gather_tokens)

@@ -25,6 +25,10 @@ SPEC: ``mode``, ``model``, ``engine`` (vllm.LLM kwargs), ``prompts`` (one batch)
   pool and, per running request, its prompt length, computed tokens, preemptions
   and the blocks it holds (in the first KV-cache group; `group_blocks`: in each group,
   as vLLM's hybrid allocator keeps e.g. sliding-window and full-attention layers apart).
+* ``"decode"``: ``points`` ([{"label", "prompts"}]) run one after another in one engine
+  (in this process), each to completion; every step's duration and new tokens are
+  recorded, with whether it was decode-only (every request of the point already had
+  its first token), so decode speed is measured apart from prefill.
 
 Every mode also returns the engine's configuration (vLLM version, KV blocks, block
 size, dtype, attention backend, ...) and its start-up and run times.
@@ -234,9 +238,41 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
     }
 
 
+def decode(spec: dict[str, Any]) -> dict[str, Any]:
+    """Mode "decode": each point's prompts submitted at once and stepped to completion, point after point."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm, init_s = _start(spec)
+    engine = llm.llm_engine
+    params = _params(spec)
+    points = []
+    start = time.perf_counter()
+    for n, point in enumerate(spec["points"]):
+        ids = [f"{n}-{i}" for i in range(len(point["prompts"]))]
+        for rid, p in zip(ids, point["prompts"]):
+            engine.add_request(rid, _prompt(p), params)
+        produced = dict.fromkeys(ids, 0)
+        steps = []
+        while engine.has_unfinished_requests():
+            decode_only = all(produced.values())
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            duration = time.perf_counter() - t0
+            new = 0
+            for out in outputs:
+                count = len(out.outputs[0].token_ids)
+                new += count - produced[out.request_id]
+                produced[out.request_id] = count
+            steps.append({"s": duration, "new_tokens": new, "decode_only": decode_only})
+        points.append({"label": point["label"], "prompt_lengths": [len(p) for p in point["prompts"]],
+                       "output_tokens": sum(produced.values()), "steps": steps})
+    wall_s = time.perf_counter() - start
+    return {**_common(llm, init_s, wall_s, spec), "points": points}
+
+
 MODES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "generate": generate,
     "step": step,
+    "decode": decode,
     "trace": lambda spec: step(spec, trace=True),
 }
 
