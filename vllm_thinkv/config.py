@@ -123,6 +123,33 @@ def check_share_divides(share_group: int, num_kv_heads: int) -> None:
                           f"supported: {', '.join(map(str, divisors))}")
 
 
+def check_tensor_parallel(num_kv_heads: int, tp_size: int, share_group: int = 1) -> None:
+    """A thin checkpoint under tensor parallelism: each rank must hold whole KV heads with
+    their bases (and whole share groups). vLLM replicates KV heads when the TP size
+    exceeds them; a thin model's per-KV-head tensors are not replicated, so that is refused."""
+    if num_kv_heads % tp_size:
+        raise ThinKVError(
+            f"thin-key models need the tensor-parallel size ({tp_size}) to divide the number of KV heads "
+            f"({num_kv_heads}): each rank holds whole KV heads with their bases (supported: "
+            f"{', '.join(str(t) for t in range(1, num_kv_heads + 1) if num_kv_heads % t == 0)}; the same "
+            "model at r = d on the thinkv backend runs at any TP size, with vLLM replicating its KV heads)"
+        )
+    if (num_kv_heads // tp_size) % share_group:
+        raise ThinKVError(
+            f"this thin checkpoint shares one key latent among {share_group} KV heads, which tensor parallelism "
+            f"{tp_size} splits ({num_kv_heads} KV heads, {num_kv_heads // tp_size} per rank): use a "
+            f"tensor-parallel size that keeps each share group on one rank"
+        )
+
+
+def check_load_time_parallel(world_size: int) -> None:
+    """Load-time compression calibrates the original model with transformers on one device."""
+    if world_size > 1:
+        raise ThinKVError("load-time compression runs on a single GPU: every rank would load and calibrate the "
+                          "whole original model; with tensor/pipeline parallelism, compress offline "
+                          "(`thinkv compress`) and serve the thin checkpoint")
+
+
 def _check_method(method: Any) -> None:
     if method not in METHODS:
         raise ThinKVError(f"unknown thinkv method {method!r}; supported: {', '.join(METHODS)}")

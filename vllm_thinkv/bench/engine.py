@@ -21,10 +21,11 @@ SPEC: ``mode``, ``model``, ``engine`` (vllm.LLM kwargs), ``prompts`` (one batch)
   every prompt is submitted at once and the engine is stepped by hand, so that after
   every `step()` the scheduler's accounting can be read: running and waiting requests,
   preemptions, KV-cache usage. Every generated token is stamped with the time its
-  step returned, which is when a streaming client would have received it.
+  step returned, which is when a streaming client would have received it (with
+  ``logprobs``, its log-probs are kept too).
 * ``"trace"``: "step" plus the block accounting of every step: free blocks in the
-  pool and, per running request, its id (the prompt's index, with vLLM's suffix), prompt length, computed tokens, preemptions
-  and the blocks it holds.
+  pool and, per running request, its id (the prompt's index, with vLLM's suffix),
+  prompt length, computed tokens, preemptions and the blocks it holds.
 
 Every mode also returns the engine's configuration (vLLM version, KV blocks, block
 size, dtype, attention backend, ...) and its start-up and run times.
@@ -199,6 +200,7 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
     params = _per_prompt_params(spec)
     prompts = [p for batch in _batches(spec) for p in batch]
     tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list] = [[] for _ in prompts]
     stamps: list[list[float]] = [[] for _ in prompts]
     preemptions: dict[str, int] = {}
     timeline, steps = [], []
@@ -212,6 +214,7 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
             i = int(out.request_id)
             new = list(out.outputs[0].token_ids)[len(tokens[i]):]
             tokens[i].extend(new)
+            logprobs[i] = [_logprobs(lp) for lp in (out.outputs[0].logprobs or [])]
             stamps[i].extend([now] * len(new))
         for r in (*scheduler.running, *scheduler.waiting):
             preemptions[r.request_id] = max(preemptions.get(r.request_id, 0), r.num_preemptions)
@@ -234,7 +237,7 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
         "timeline": timeline,
         **({"steps": steps} if trace else {}),
         "preemptions": sum(preemptions.values()),
-        "requests": [{"token_ids": t, "token_times": s} for t, s in zip(tokens, stamps)],
+        "requests": [{"token_ids": t, "token_times": s, "logprobs": lp} for t, s, lp in zip(tokens, stamps, logprobs)],
     }
 
 

@@ -29,6 +29,7 @@ from vllm_thinkv.config import (
     CompressRequest,
     ThinKVConfig,
     check_architecture,
+    check_load_time_parallel,
     expected_shapes,
     parse_thinkv_section,
 )
@@ -50,10 +51,7 @@ def thin_section(vllm_config) -> ThinKVConfig | CompressRequest:
 def _compress_at_load(vllm_config, request: CompressRequest):
     from vllm_thinkv.compress.pretrained import compress_pretrained
 
-    if vllm_config.parallel_config.world_size > 1:
-        # Every rank would load and calibrate the full original model on its own device.
-        raise ThinKVError("load-time compression runs on a single GPU; with tensor/pipeline parallelism, "
-                          "compress offline (`thinkv compress`) and serve the thin checkpoint")
+    check_load_time_parallel(vllm_config.parallel_config.world_size)
     model_dir = vllm_config.model_config.model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("thinkv: compressing %s at load time (%s) on %s", model_dir, request.to_dict(), device)

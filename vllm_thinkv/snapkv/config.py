@@ -92,3 +92,15 @@ class SnapKVConfig:
         budget = self.budget_for(prompt_len) if budget is None else budget
         kept = budget + self.window
         return kept if budget >= 1 and prompt_len > kept else None
+
+
+def check_tensor_parallel(num_kv_heads: int, tp_size: int) -> None:
+    """SnapKV scores each KV head by the mean over its query heads. When the TP size exceeds
+    the KV heads, vLLM replicates each KV head on several ranks and splits its query heads
+    among them: each replica would be scored by part of its queries and keep other tokens."""
+    if tp_size > num_kv_heads:
+        raise ThinKVError(
+            f"{HF_CONFIG_KEY}: the tensor-parallel size ({tp_size}) exceeds the model's {num_kv_heads} KV heads, so "
+            "vLLM replicates each KV head and splits its query heads among ranks, and each replica would select "
+            f"different tokens; use a tensor-parallel size of at most {num_kv_heads} with SnapKV"
+        )
