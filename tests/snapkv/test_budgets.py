@@ -2,6 +2,7 @@
 and the worker tracker applying each row's own budget."""
 
 import pytest
+import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
@@ -82,3 +83,33 @@ def test_tracker_applies_each_rows_budget():
     assert [(c.row, c.kept_len) for c in s.compactions] == [(0, 48), (1, 18)]
     assert s.released == [7]
     assert s.gaps == [(48, 100), (18, 100), (0, 0)]
+
+
+def fake_vllm_config(snapkv: dict | None):
+    from types import SimpleNamespace
+
+    hf_config = SimpleNamespace(**({"thinkv_snapkv": snapkv} if snapkv is not None else {}))
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+
+
+def test_processor_refuses_a_deployment_without_snapkv():
+    with pytest.raises(ThinKVError, match="per-request SnapKV budgets .* need a SnapKV deployment"):
+        SnapKVRequestBudgets(fake_vllm_config(None), torch.device("cpu"), False)
+
+
+def test_processor_follows_rows_and_the_builder_finds_it():
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from vllm_thinkv.snapkv.requests import processor_for
+
+    config = fake_vllm_config({"budget": 64, "window": 16})
+    proc = SnapKVRequestBudgets(config, torch.device("cpu"), False)
+    assert processor_for(config) is proc and processor_for(fake_vllm_config(None)) is None
+    params = [SamplingParams(extra_args=e) for e in ({"thinkv_snapkv_budget": 8}, None, {"thinkv_snapkv_budget": "off"})]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(i, p, [], []) for i, p in enumerate(params)],
+                                  moved=[]))
+    assert proc.rows == {0: RequestBudget(budget=8), 2: RequestBudget(off=True)}
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert proc.rows == {0: RequestBudget(off=True)}
+    logits = torch.randn(2, 5)
+    assert torch.equal(proc.apply(logits.clone()), logits) and proc.is_argmax_invariant()
