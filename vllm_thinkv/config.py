@@ -142,12 +142,19 @@ def check_tensor_parallel(num_kv_heads: int, tp_size: int, share_group: int = 1)
         )
 
 
-def check_load_time_parallel(world_size: int) -> None:
-    """Load-time compression calibrates the original model with transformers on one device."""
-    if world_size > 1:
-        raise ThinKVError("load-time compression runs on a single GPU: every rank would load and calibrate the "
-                          "whole original model; with tensor/pipeline parallelism, compress offline "
+def check_load_time_parallel(request: CompressRequest, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+    """Load-time compression calibrates the whole original model with transformers before
+    vLLM loads anything. Under tensor parallelism each rank calibrates it on its own device
+    (the original model in fp32 on every GPU) and keeps its own KV heads' tensors, so every
+    rank must choose the same ranks: a uniform `rank` (per-layer ranks chosen from statistics
+    could differ between ranks)."""
+    if pipeline_parallel > 1:
+        raise ThinKVError("load-time compression does not support pipeline parallelism; compress offline "
                           "(`thinkv compress`) and serve the thin checkpoint")
+    if tensor_parallel > 1 and request.rank is None:
+        raise ThinKVError("load-time compression under tensor parallelism needs a uniform `rank`: each rank "
+                          "calibrates on its own, and per-layer ranks chosen from statistics (rank_budget, targets) "
+                          "must be the same on every rank; compress offline (`thinkv compress`) for those")
 
 
 def _check_method(method: Any) -> None:

@@ -151,6 +151,10 @@ def test_tensor_parallel_sizes_for_thin_checkpoints():
         check_tensor_parallel(num_kv_heads=2, tp_size=4)
     with pytest.raises(ThinKVError, match=r"shares one key latent among 4 KV heads, which tensor parallelism 2 splits"):
         check_tensor_parallel(num_kv_heads=4, tp_size=2, share_group=4)
-    check_load_time_parallel(1)
-    with pytest.raises(ThinKVError, match="load-time compression runs on a single GPU"):
-        check_load_time_parallel(2)
+    uniform, per_layer = CompressRequest(method="pca", rank=32), CompressRequest(method="pca", rank_budget=32)
+    check_load_time_parallel(per_layer, 1)
+    check_load_time_parallel(uniform, 4)
+    with pytest.raises(ThinKVError, match="under tensor parallelism needs a uniform `rank`"):
+        check_load_time_parallel(per_layer, 2)
+    with pytest.raises(ThinKVError, match="does not support pipeline parallelism"):
+        check_load_time_parallel(uniform, 1, 2)

@@ -162,3 +162,30 @@ def test_thin_checkpoint_at_tp2(kv4_dir, tmp_path, method):
         assert (got.double() - want).abs().max() < 1e-3
         ref_logprobs, all_lp = teacher_forced(reference, prompt, result["token_ids"])
         assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)
+
+
+def test_load_time_compression_at_tp2(kv4_dir, tmp_path):
+    """Each rank calibrates the original model itself and keeps its own KV heads' bases: the
+    served model is the offline `thinkv compress` of the same text (as at TP = 1 in
+    `test_thin_models`)."""
+    import subprocess
+    import sys
+
+    offline = tmp_path / "offline"
+    subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "compress", str(kv4_dir), str(offline), "--method", "pca",
+                    "--rank", "32", "--calib-tokens", "4096", "--calib-ctx", "2048", "--no-progress"], check=True)
+    tok = AutoTokenizer.from_pretrained(kv4_dir)
+    prompts = prompts_from_text(tok, packaged_text(), [50, 300])
+    overrides = {"architectures": ["ThinKVLlamaForCausalLM"],
+                 "thinkv": {"method": "pca", "rank": 32, "calib_tokens": 4096}}  # calibrated at max_model_len 2048
+    run = run_engine({"model": str(kv4_dir), "engine": {**ENGINE, **TP2, "block_size": 16, "hf_overrides": overrides},
+                      "batches": [prompts], "max_tokens": 8, "logprobs": 2, "prompt_logprobs": 0}, env=ONE_CORE_PER_RANK)
+    reference = load(offline)
+    for prompt, result in zip(prompts, run["results"]):
+        with torch.no_grad():
+            ref = reference(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
+        got = torch.tensor([result["prompt_logprobs"][i][str(prompt[i])] for i in range(1, len(prompt))])
+        want = torch.stack([ref[i - 1, prompt[i]] for i in range(1, len(prompt))])
+        assert (got.double() - want).abs().max() < 1e-3
+        ref_logprobs, all_lp = teacher_forced(reference, prompt, result["token_ids"])
+        assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)

@@ -82,8 +82,8 @@ def test_thin_checkpoint_refused_like_a_stock_model(tiny_llama_dir, tmp_path):
     (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 72}}'],
      "rank 72 is not supported: it must be a multiple of 8 from 8 to 64"),
     (["--block-size", "24"], "block_size=24 is unsupported: it must be a multiple of 16"),
-    (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 32}}',
-      "-tp", "2"], "load-time compression runs on a single GPU"),
+    (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank_budget": 32}}',
+      "-tp", "2"], "load-time compression under tensor parallelism needs a uniform `rank`"),
     (["--hf-overrides", json.dumps({"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {
         "version": 1, "method": "pairs", "form": "rope_subspace", "ranks": [32] * 4, "head_dim": 64}}),
       "--tensor-parallel-size", "4"],

@@ -44,7 +44,7 @@ def check_model_config(config: Mapping[str, Any], tensor_parallel: int = 1, pipe
         head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
         kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
         if isinstance(parsed, CompressRequest):
-            check_load_time_parallel(tensor_parallel * pipeline_parallel)
+            check_load_time_parallel(parsed, tensor_parallel, pipeline_parallel)
         elif kv_heads:
             check_tensor_parallel(kv_heads, tensor_parallel, parsed.share_group)
         if head_dim and isinstance(parsed, CompressRequest):
