@@ -173,12 +173,13 @@ def test_load_time_compression_at_tp2(kv4_dir, tmp_path):
 
     offline = tmp_path / "offline"
     subprocess.run([sys.executable, "-m", "vllm_thinkv.cli", "compress", str(kv4_dir), str(offline), "--method", "pca",
-                    "--rank", "32", "--calib-tokens", "4096", "--calib-ctx", "2048", "--no-progress"], check=True)
+                    "--rank", "32", "--calib-tokens", "2048", "--calib-ctx", "1024", "--no-progress"], check=True)
     tok = AutoTokenizer.from_pretrained(kv4_dir)
     prompts = prompts_from_text(tok, packaged_text(), [50, 300])
     overrides = {"architectures": ["ThinKVLlamaForCausalLM"],
-                 "thinkv": {"method": "pca", "rank": 32, "calib_tokens": 4096}}  # calibrated at max_model_len 2048
-    run = run_engine({"model": str(kv4_dir), "engine": {**ENGINE, **TP2, "block_size": 16, "hf_overrides": overrides},
+                 "thinkv": {"method": "pca", "rank": 32, "calib_tokens": 2048}}  # calibrated at max_model_len 1024
+    engine = {**ENGINE, **TP2, "block_size": 16, "max_model_len": 1024, "hf_overrides": overrides}
+    run = run_engine({"model": str(kv4_dir), "engine": engine,
                       "batches": [prompts], "max_tokens": 8, "logprobs": 2, "prompt_logprobs": 0}, env=ONE_CORE_PER_RANK)
     reference = load(offline)
     for prompt, result in zip(prompts, run["results"]):
