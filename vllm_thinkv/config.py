@@ -128,6 +128,40 @@ def check_share_divides(share_group: int, num_kv_heads: int) -> None:
                           f"supported: {', '.join(map(str, divisors))}")
 
 
+def check_tensor_parallel(num_kv_heads: int, tp_size: int, share_group: int = 1) -> None:
+    """A thin checkpoint under tensor parallelism: each rank must hold whole KV heads with
+    their bases (and whole share groups). vLLM replicates KV heads when the TP size
+    exceeds them; a thin model's per-KV-head tensors are not replicated, so that is refused."""
+    if num_kv_heads % tp_size:
+        raise ThinKVError(
+            f"thin-key models need the tensor-parallel size ({tp_size}) to divide the number of KV heads "
+            f"({num_kv_heads}): each rank holds whole KV heads with their bases (supported: "
+            f"{', '.join(str(t) for t in range(1, num_kv_heads + 1) if num_kv_heads % t == 0)}; the same "
+            "model at r = d on the thinkv backend runs at any TP size, with vLLM replicating its KV heads)"
+        )
+    if (num_kv_heads // tp_size) % share_group:
+        raise ThinKVError(
+            f"this thin checkpoint shares one key latent among {share_group} KV heads, which tensor parallelism "
+            f"{tp_size} splits ({num_kv_heads} KV heads, {num_kv_heads // tp_size} per rank): use a "
+            f"tensor-parallel size that keeps each share group on one rank"
+        )
+
+
+def check_load_time_parallel(request: CompressRequest, tensor_parallel: int, pipeline_parallel: int = 1) -> None:
+    """Load-time compression calibrates the whole original model with transformers before
+    vLLM loads anything. Under tensor parallelism each rank calibrates it on its own device
+    (the original model in fp32 on every GPU) and keeps its own KV heads' tensors, so every
+    rank must choose the same ranks: a uniform `rank` (per-layer ranks chosen from statistics
+    could differ between ranks)."""
+    if pipeline_parallel > 1:
+        raise ThinKVError("load-time compression does not support pipeline parallelism; compress offline "
+                          "(`thinkv compress`) and serve the thin checkpoint")
+    if tensor_parallel > 1 and request.rank is None:
+        raise ThinKVError("load-time compression under tensor parallelism needs a uniform `rank`: each rank "
+                          "calibrates on its own, and per-layer ranks chosen from statistics (rank_budget, targets) "
+                          "must be the same on every rank; compress offline (`thinkv compress`) for those")
+
+
 def _check_method(method: Any) -> None:
     if method not in METHODS:
         raise ThinKVError(f"unknown thinkv method {method!r}; supported: {', '.join(METHODS)}")

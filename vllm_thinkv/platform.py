@@ -30,12 +30,15 @@ class ThinKVCpuPlatform(CpuPlatform):
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         """vLLM calls this while it builds its config, in the API-server process, before
-        any engine starts: refuse a bad `thinkv` / `thinkv_snapkv` section there."""
+        any engine starts: refuse a bad `thinkv` / `thinkv_snapkv` section (or one the
+        parallel sizes cannot serve) there."""
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is not None:
             from vllm_thinkv.serve.preflight import check_model_config
 
-            check_model_config(vllm_config.model_config.hf_config.to_dict())
+            parallel = vllm_config.parallel_config
+            check_model_config(vllm_config.model_config.hf_config.to_dict(), parallel.tensor_parallel_size,
+                               parallel.pipeline_parallel_size)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:

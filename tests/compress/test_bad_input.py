@@ -7,7 +7,15 @@ import json
 import pytest
 
 from vllm_thinkv.cli import main
-from vllm_thinkv.config import CompressRequest, ThinKVConfig, form_for, parse_thinkv_section
+from vllm_thinkv.config import (
+    CompressRequest,
+    ThinKVConfig,
+    check_load_time_parallel,
+    check_tensor_parallel,
+    form_for,
+    parse_thinkv_section,
+)
+from vllm_thinkv.errors import ThinKVError
 
 FAST = ["--calib-tokens", "256", "--calib-ctx", "128", "--no-progress"]
 
@@ -133,3 +141,20 @@ def test_form_for_architectures():
     assert form_for("pca", "Qwen2ForCausalLM") == "post_rope_projection"
     with pytest.raises(ValueError, match="unsupported architecture 'PhiForCausalLM'"):
         form_for("pca", "PhiForCausalLM")
+
+
+def test_tensor_parallel_sizes_for_thin_checkpoints():
+    check_tensor_parallel(num_kv_heads=4, tp_size=2)
+    check_tensor_parallel(num_kv_heads=4, tp_size=2, share_group=2)
+    with pytest.raises(ThinKVError, match=r"tensor-parallel size \(4\) to divide the number of KV heads \(2\).*"
+                                          r"supported: 1, 2"):
+        check_tensor_parallel(num_kv_heads=2, tp_size=4)
+    with pytest.raises(ThinKVError, match=r"shares one key latent among 4 KV heads, which tensor parallelism 2 splits"):
+        check_tensor_parallel(num_kv_heads=4, tp_size=2, share_group=4)
+    uniform, per_layer = CompressRequest(method="pca", rank=32), CompressRequest(method="pca", rank_budget=32)
+    check_load_time_parallel(per_layer, 1)
+    check_load_time_parallel(uniform, 4)
+    with pytest.raises(ThinKVError, match="under tensor parallelism needs a uniform `rank`"):
+        check_load_time_parallel(per_layer, 2)
+    with pytest.raises(ThinKVError, match="does not support pipeline parallelism"):
+        check_load_time_parallel(uniform, 1, 2)

@@ -51,3 +51,11 @@ def test_absent_means_off():
 def test_unknown_policy_rejected():
     with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent\\)"):
         SnapKVConfig(budget=64, policy="oldest")
+
+
+def test_tensor_parallel_must_not_replicate_kv_heads():
+    from vllm_thinkv.snapkv.config import check_tensor_parallel
+
+    check_tensor_parallel(num_kv_heads=4, tp_size=4)
+    with pytest.raises(ThinKVError, match=r"tensor-parallel size \(2\) exceeds the model's 1 KV heads.*at most 1"):
+        check_tensor_parallel(num_kv_heads=1, tp_size=2)

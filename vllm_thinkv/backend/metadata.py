@@ -19,6 +19,7 @@ from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import check_block_size
 from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
+from vllm_thinkv.snapkv.requests import processor_for
 from vllm_thinkv.snapkv.tracker import SnapKVStep, SnapKVTracker
 
 
@@ -89,6 +90,8 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
             query_start=query_start,
             seq_lens=seq_lens[:n].tolist(),
             is_prefilling=m.is_prefilling[:n].tolist(),
+            # each request's own budget, by row (`snapkv.requests`; None when the deployment does not take them)
+            requests=requests.rows if (requests := processor_for(self.vllm_config)) is not None else None,
         )
         metadata.snapkv_step = step
         metadata.query_start_loc_cpu = query_start

@@ -9,7 +9,8 @@ parent side that every benchmark and the end-to-end tests use.
 SPEC: ``mode``, ``model``, ``engine`` (vllm.LLM kwargs), ``prompts`` (one batch) or
 ``batches`` (lists of prompts; a prompt is a string or token ids), ``max_tokens``,
 ``ignore_eos`` (default true: fixed lengths, so that runs compare token for token),
-``logprobs`` and ``prompt_logprobs`` (generate mode), and ``probes``: {name:
+``logprobs`` and ``prompt_logprobs`` (generate mode), ``extra_args`` (one
+`SamplingParams.extra_args` dict or null per prompt, all batches in order), and ``probes``: {name:
 "module:function"} run in every worker with `LLM.apply_model` after generation
 (the function must be importable by the workers, hence named, not pickled from
 `__main__`; its per-worker results come back under ``probes[name]``). Modes:
@@ -20,11 +21,13 @@ SPEC: ``mode``, ``model``, ``engine`` (vllm.LLM kwargs), ``prompts`` (one batch)
   every prompt is submitted at once and the engine is stepped by hand, so that after
   every `step()` the scheduler's accounting can be read: running and waiting requests,
   preemptions, KV-cache usage. Every generated token is stamped with the time its
-  step returned, which is when a streaming client would have received it.
+  step returned, which is when a streaming client would have received it (with
+  ``logprobs``, its log-probs are kept too).
 * ``"trace"``: "step" plus the block accounting of every step: free blocks in the
-  pool and, per running request, its prompt length, computed tokens, preemptions
-  and the blocks it holds (in the first KV-cache group; `group_blocks`: in each group,
-  as vLLM's hybrid allocator keeps e.g. sliding-window and full-attention layers apart).
+  pool and, per running request, its id (the prompt's index, with vLLM's suffix),
+  prompt length, computed tokens, preemptions and the blocks it holds (in the first
+  KV-cache group; `group_blocks`: in each group, as vLLM's hybrid allocator keeps e.g.
+  sliding-window and full-attention layers apart).
 * ``"decode"``: ``points`` ([{"label", "prompts"}]) run one after another in one engine
   (in this process), each to completion; every step's duration and new tokens are
   recorded, with whether it was decode-only (every request of the point already had
@@ -129,11 +132,19 @@ def _prompt(p: str | list[int]):
     return TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
 
 
-def _params(spec: dict[str, Any]):
+def _params(spec: dict[str, Any], extra_args: dict[str, Any] | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec.get("ignore_eos", True),
-                          logprobs=spec.get("logprobs"), prompt_logprobs=spec.get("prompt_logprobs"))
+                          logprobs=spec.get("logprobs"), prompt_logprobs=spec.get("prompt_logprobs"),
+                          extra_args=extra_args)
+
+
+def _per_prompt_params(spec: dict[str, Any]) -> list:
+    """One SamplingParams per prompt (all batches in order), with its ``extra_args``."""
+    n = sum(len(b) for b in _batches(spec))
+    extra = spec.get("extra_args") or [None] * n
+    return [_params(spec, e) for e in extra]
 
 
 def _common(llm, init_s: float, wall_s: float, spec: dict[str, Any]) -> dict[str, Any]:
@@ -163,11 +174,12 @@ def _logprobs(lp) -> dict[str, float] | None:
 def generate(spec: dict[str, Any]) -> dict[str, Any]:
     """Mode "generate": one greedy generate call per batch."""
     llm, init_s = _start(spec)
-    params = _params(spec)
+    params = _per_prompt_params(spec)
     results = []
     t0 = time.perf_counter()
     for batch in _batches(spec):
-        for out in llm.generate([_prompt(p) for p in batch], params, use_tqdm=False):
+        batch_params, params = params[: len(batch)], params[len(batch):]
+        for out in llm.generate([_prompt(p) for p in batch], batch_params, use_tqdm=False):
             c = out.outputs[0]
             results.append({
                 "prompt_token_ids": list(out.prompt_token_ids),
@@ -192,15 +204,16 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
     kv = scheduler.kv_cache_manager
     managers = kv.coordinator.single_type_managers
     manager = managers[0]
-    params = _params(spec)
+    params = _per_prompt_params(spec)
     prompts = [p for batch in _batches(spec) for p in batch]
     tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list] = [[] for _ in prompts]
     stamps: list[list[float]] = [[] for _ in prompts]
     preemptions: dict[str, int] = {}
     timeline, steps = [], []
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), _prompt(p), params)
+        engine.add_request(str(i), _prompt(p), params[i])
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter() - start
@@ -208,6 +221,7 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
             i = int(out.request_id)
             new = list(out.outputs[0].token_ids)[len(tokens[i]):]
             tokens[i].extend(new)
+            logprobs[i] = [_logprobs(lp) for lp in (out.outputs[0].logprobs or [])]
             stamps[i].extend([now] * len(new))
         for r in (*scheduler.running, *scheduler.waiting):
             preemptions[r.request_id] = max(preemptions.get(r.request_id, 0), r.num_preemptions)
@@ -218,7 +232,8 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
                 "free_blocks": kv.block_pool.get_num_free_blocks(),
                 "waiting": len(scheduler.waiting),
                 "running": [
-                    {"prompt": r.num_prompt_tokens, "computed": r.num_computed_tokens, "preemptions": r.num_preemptions,
+                    {"id": r.request_id, "prompt": r.num_prompt_tokens, "computed": r.num_computed_tokens,
+                     "preemptions": r.num_preemptions,
                      "blocks": sum(not b.is_null for b in manager.req_to_blocks.get(r.request_id, [])),
                      "group_blocks": [sum(not b.is_null for b in m.req_to_blocks.get(r.request_id, []))
                                       for m in managers]}
@@ -234,7 +249,7 @@ def step(spec: dict[str, Any], trace: bool = False) -> dict[str, Any]:
         "timeline": timeline,
         **({"steps": steps} if trace else {}),
         "preemptions": sum(preemptions.values()),
-        "requests": [{"token_ids": t, "token_times": s} for t, s in zip(tokens, stamps)],
+        "requests": [{"token_ids": t, "token_times": s, "logprobs": lp} for t, s, lp in zip(tokens, stamps, logprobs)],
     }
 
 

@@ -42,7 +42,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 from vllm_thinkv.backend.backend import ThinKVBackend
-from vllm_thinkv.config import ThinKVConfig
+from vllm_thinkv.config import ThinKVConfig, check_tensor_parallel
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.capture import rotate_half
 
@@ -74,19 +74,9 @@ class ThinKVAttention(nn.Module):
         gemma = model_type == "gemma3_text"
         bias = bias or model_type == "qwen2"
         tp_size = get_tensor_model_parallel_world_size()
-        if num_kv_heads % tp_size:
-            raise ThinKVError(
-                f"thin-key models need the tensor-parallel size ({tp_size}) to divide the number of KV heads "
-                f"({num_kv_heads}): each rank holds whole KV heads with their bases"
-            )
+        check_tensor_parallel(num_kv_heads, tp_size, thin.share_group)
         self.form = thin.form
         self.share = share = thin.share_group
-        if (num_kv_heads // tp_size) % share:
-            raise ThinKVError(
-                f"this thin checkpoint shares one key latent among {share} KV heads, which tensor parallelism "
-                f"{tp_size} splits ({num_kv_heads} KV heads, {num_kv_heads // tp_size} per rank): use a "
-                f"tensor-parallel size that keeps each share group on one rank"
-            )
         self.head_dim = d = getattr(config, "head_dim", None) or hidden_size // num_heads
         self.rank = r = thin.ranks[layer]
         self.num_heads = num_heads // tp_size

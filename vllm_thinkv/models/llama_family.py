@@ -29,6 +29,8 @@ from vllm_thinkv.config import (
     CompressRequest,
     ThinKVConfig,
     check_architecture,
+    check_load_time_parallel,
+    check_tensor_parallel,
     expected_shapes,
     parse_thinkv_section,
 )
@@ -50,10 +52,11 @@ def thin_section(vllm_config) -> ThinKVConfig | CompressRequest:
 def _compress_at_load(vllm_config, request: CompressRequest):
     from vllm_thinkv.compress.pretrained import compress_pretrained
 
-    if vllm_config.parallel_config.world_size > 1:
-        # Every rank would load and calibrate the full original model on its own device.
-        raise ThinKVError("load-time compression runs on a single GPU; with tensor/pipeline parallelism, "
-                          "compress offline (`thinkv compress`) and serve the thin checkpoint")
+    parallel = vllm_config.parallel_config
+    # Under TP every rank calibrates the whole original model on its own device (`check_load_time_parallel`).
+    check_load_time_parallel(request, parallel.tensor_parallel_size, parallel.pipeline_parallel_size)
+    kv_heads = vllm_config.model_config.hf_config.num_key_value_heads
+    check_tensor_parallel(kv_heads, parallel.tensor_parallel_size, request.share_group_for(kv_heads))  # before calibrating
     model_dir = vllm_config.model_config.model
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info("thinkv: compressing %s at load time (%s) on %s", model_dir, request.to_dict(), device)

@@ -22,17 +22,20 @@ from vllm_thinkv.config import (
     CompressRequest,
     ThinKVConfig,
     check_architecture,
+    check_load_time_parallel,
     check_model_sizes,
+    check_tensor_parallel,
     parse_thinkv_section,
 )
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import HF_CONFIG_KEY, SnapKVConfig
+from vllm_thinkv.snapkv.config import check_tensor_parallel as check_snapkv_parallel
 
 
-def check_model_config(config: Mapping[str, Any]) -> None:
+def check_model_config(config: Mapping[str, Any], tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """The thinkv parts of a model config (overrides applied): the architecture that
-    reads the `thinkv` section, the section itself against the model's sizes, and
-    the SnapKV settings. Raises ThinKVError naming the problem."""
+    reads the `thinkv` section, the section itself against the model's sizes and the
+    parallel sizes, and the SnapKV settings. Raises ThinKVError naming the problem."""
     section = config.get("thinkv")
     check_architecture(list(config.get("architectures") or []), section is not None)
     if section is not None:
@@ -40,6 +43,10 @@ def check_model_config(config: Mapping[str, Any]) -> None:
         # (No head size at the top level: not a Llama-family config, which the engine refuses.)
         head_dim = config.get("head_dim") or config.get("hidden_size", 0) // config.get("num_attention_heads", 1)
         kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        if isinstance(parsed, CompressRequest):
+            check_load_time_parallel(parsed, tensor_parallel, pipeline_parallel)
+        elif kv_heads:
+            check_tensor_parallel(kv_heads, tensor_parallel, parsed.share_group)
         if head_dim and isinstance(parsed, CompressRequest):
             parsed.check_head_dim(head_dim)
             if kv_heads:
@@ -48,6 +55,9 @@ def check_model_config(config: Mapping[str, Any]) -> None:
             check_model_sizes(parsed, config.get("num_hidden_layers", parsed.num_layers), head_dim, kv_heads)
     if config.get(HF_CONFIG_KEY) is not None:
         SnapKVConfig.from_dict(config[HF_CONFIG_KEY])
+        kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+        if kv_heads:
+            check_snapkv_parallel(kv_heads, tensor_parallel)
 
 
 def check_serve_args(argv: list[str]) -> None:
@@ -59,6 +69,8 @@ def check_serve_args(argv: list[str]) -> None:
     parser.add_argument("--model")
     parser.add_argument("--hf-overrides")
     parser.add_argument("--block-size", type=int)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     args, _ = parser.parse_known_args(argv)
     if args.block_size is not None:
         check_block_size(args.block_size)
@@ -78,4 +90,4 @@ def check_serve_args(argv: list[str]) -> None:
         if not isinstance(overrides, dict):
             raise ThinKVError(f"--hf-overrides must be a JSON object, got {args.hf_overrides}")
         config.update(overrides)
-    check_model_config(config)
+    check_model_config(config, args.tensor_parallel_size, args.pipeline_parallel_size)

@@ -5,7 +5,8 @@
 `budget` (tokens kept per KV head besides the window) or `budget_ratio` (a
 fraction of the prompt). `policy: "recent"` keeps the `budget` tokens just
 before the window instead of the best-scored ones: a naive baseline for
-measuring what the scores buy. A prompt of length P is compacted when P > budget + window:
+measuring what the scores buy. `max_budget` caps what any request keeps per KV
+head outside the window (a ratio, or a request's own budget: `snapkv.requests`). A prompt of length P is compacted when P > budget + window:
 afterwards it occupies token positions [0, budget + window) of its cache and the
 positions [budget + window, P) form a gap whose whole blocks are freed.
 """
@@ -30,6 +31,7 @@ class SnapKVConfig:
     kernel_size: int = 7
     pooling: str = "max"
     policy: str = "snapkv"
+    max_budget: int | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ThinKVError:
@@ -51,6 +53,11 @@ class SnapKVConfig:
             raise bad(f"kernel_size must be an odd integer >= 1, got {self.kernel_size!r}")
         if self.pooling not in POOLINGS:
             raise bad(f"unknown pooling {self.pooling!r} (supported: {', '.join(POOLINGS)})")
+        if self.max_budget is not None:
+            if not isinstance(self.max_budget, int) or isinstance(self.max_budget, bool) or self.max_budget <= 0:
+                raise bad(f"max_budget must be a positive integer, got {self.max_budget!r}")
+            if self.budget is not None and self.budget > self.max_budget:
+                raise bad(f"budget ({self.budget}) exceeds max_budget ({self.max_budget})")
         if self.policy not in POLICIES:
             raise bad(f"unknown policy {self.policy!r} (supported: {', '.join(POLICIES)})")
 
@@ -76,13 +83,24 @@ class SnapKVConfig:
 
     def budget_for(self, prompt_len: int) -> int:
         """Tokens kept per KV head outside the window, for a prompt of this length."""
-        if self.budget is not None:
-            return self.budget
-        return int(self.budget_ratio * prompt_len)
+        budget = self.budget if self.budget is not None else int(self.budget_ratio * prompt_len)
+        return budget if self.max_budget is None else min(budget, self.max_budget)
 
-    def kept_len(self, prompt_len: int) -> int | None:
+    def kept_len(self, prompt_len: int, budget: int | None = None) -> int | None:
         """Positions a compacted prompt occupies ([0, kept)), or None when the
-        prompt is too short to compact."""
-        budget = self.budget_for(prompt_len)
+        prompt is too short to compact. `budget`: a request's own (`snapkv.requests`)."""
+        budget = self.budget_for(prompt_len) if budget is None else budget
         kept = budget + self.window
         return kept if budget >= 1 and prompt_len > kept else None
+
+
+def check_tensor_parallel(num_kv_heads: int, tp_size: int) -> None:
+    """SnapKV scores each KV head by the mean over its query heads. When the TP size exceeds
+    the KV heads, vLLM replicates each KV head on several ranks and splits its query heads
+    among them: each replica would be scored by part of its queries and keep other tokens."""
+    if tp_size > num_kv_heads:
+        raise ThinKVError(
+            f"{HF_CONFIG_KEY}: the tensor-parallel size ({tp_size}) exceeds the model's {num_kv_heads} KV heads, so "
+            "vLLM replicates each KV head and splits its query heads among ranks, and each replica would select "
+            f"different tokens; use a tensor-parallel size of at most {num_kv_heads} with SnapKV"
+        )

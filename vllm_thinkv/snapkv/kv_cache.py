@@ -23,6 +23,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.budgets import RequestBudget, kept_len, request_budget
+from vllm_thinkv.snapkv.requests import warn_if_capped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,11 @@ class SnapKVManager(FullAttentionManager):
         self.snapkv_config = kv_cache_spec.snapkv_config
         self._scheduled_end: dict[str, int] = {}  # end of the request's latest scheduled step
         self._compaction_start: dict[str, int] = {}  # C, once its compaction step is scheduled
+        self._requests: dict[str, RequestBudget | None] = {}  # each request's own budget (`snapkv.requests`)
+        # `cache_blocks` is the one manager call that carries the Request (hence its extra_args). The
+        # coordinator skips it when prefix caching is off; the spec is never prefix-cacheable, so the
+        # base method caches nothing either way.
+        self.enable_caching = True
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -69,7 +76,7 @@ class SnapKVManager(FullAttentionManager):
         compaction_start = self._compaction_start.get(request_id)
         if compaction_start is None or processed_computed_tokens <= compaction_start:
             return  # not compacted yet, or the compaction step has not run yet
-        kept = self.snapkv_config.kept_len(compaction_start)
+        kept = kept_len(self.snapkv_config, self._requests.get(request_id), compaction_start)
         if kept is not None:
             self._remove_blocks_in_range(request_id, cdiv(kept, self.block_size), compaction_start // self.block_size)
 
@@ -77,11 +84,20 @@ class SnapKVManager(FullAttentionManager):
         self._scheduled_end[request_id] = num_tokens_main_model
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        if request.request_id not in self._requests:
+            params = request.sampling_params
+            budget = request_budget(params.extra_args if params is not None else None)
+            warn_if_capped(self.snapkv_config, budget, request.request_id)
+            self._requests[request.request_id] = budget
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
     def pop_blocks_for_free(self, request_id: str):
         # Every way vLLM frees a request (finished, aborted, preempted; deferred frees
         # included) goes through here: a recomputed request starts over from position 0.
         self._scheduled_end.pop(request_id, None)
         self._compaction_start.pop(request_id, None)
+        self._requests.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 

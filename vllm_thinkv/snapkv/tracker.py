@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.budgets import RequestBudget, kept_len
 
 _PREFILLING = "prefilling"
 _FULL = "full"  # prompt too short to compact
@@ -65,7 +66,9 @@ class SnapKVTracker:
         self._windows: dict[int, None] = {}
 
     def step(self, first_blocks: list[int], query_start: list[int], seq_lens: list[int],
-             is_prefilling: list[bool]) -> SnapKVStep:
+             is_prefilling: list[bool], requests: dict[int, RequestBudget] | None = None) -> SnapKVStep:
+        """`requests`: row -> that request's own budget (`snapkv.requests`); other rows get the deployment's."""
+        requests = requests or {}
         plan = SnapKVStep(config=self.config, first_blocks=list(first_blocks))
         for row, first_block in enumerate(first_blocks):
             q_len = query_start[row + 1] - query_start[row]
@@ -79,7 +82,7 @@ class SnapKVTracker:
                 self._windows.pop(first_block, None)  # re-inserted last: the dict stays in update order
                 self._windows[first_block] = None
             elif q_len > 0 and state == _PREFILLING:
-                kept = self.config.kept_len(start)
+                kept = kept_len(self.config, requests.get(row), start)
                 state = _FULL if kept is None else Compaction(row, first_block, start, kept)
                 self._state[first_block] = state
                 if kept is None:
