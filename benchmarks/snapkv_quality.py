@@ -385,9 +385,13 @@ def hf_policies(args, cases: list[dict], command: str) -> None:
     path = Path(str(args.out) + "-hf.json")
     done = json.loads(path.read_text()) if path.is_file() and not args.overwrite else {}
     fp = fingerprint(cases)
-    rows = {r["seed"]: r for r in done.get("cases", [])} if done.get("fingerprint") == fp else {}
+    # finished cases are kept when the same seed still makes the same prompt
+    same = {c["seed"]: [c["key"], c["prompt_tokens"], c["depth"]] for c in cases}
+    rows = {r["seed"]: r for r in done.get("cases", []) if same.get(r["seed"]) == [r["key"], r["prompt_tokens"],
+                                                                                  r["depth"]]}
     started = time.time()
-    for i, c in enumerate(cases):
+    # trial-major, so that a run stopped early covers every length and depth alike
+    for i, c in enumerate(sorted(cases, key=lambda c: (c["trial"], c["length"], c["depth"]))):
         row = rows.setdefault(c["seed"], {k: v for k, v in c.items() if k != "prompt_ids"} | {"answers": {}})
         todo = {p: [cfg for cfg in configs if f"{p}/{cfg['key']}" not in row["answers"]] for p in PROTOCOLS}
         if any(todo.values()):
@@ -453,7 +457,12 @@ def hf_report(args, path: Path) -> None:
         f"Date {doc['date']}; device {doc['device']}; fp32; model `{doc['model']}`; prompt lengths {doc['lengths']} "
         f"tokens; needle depths {doc['depths']}; {doc['trials']} trials per setting ({len(rows_in)} cases); greedy, "
         f"up to {doc['max_new_tokens']} new tokens; window {doc['window']}, kernel {doc['kernel_size']}, "
-        f"{doc['pooling']} pooling; sinks {doc['sinks']}.",
+        f"{doc['pooling']} pooling; sinks {doc['sinks']}. Cases per (length, depth): "
+        + ", ".join(f"{n} @ {d:g}: {sum(r['length'] == n and r['depth'] == d for r in rows_in)}"
+                    for n, d in sorted({(r['length'], r['depth']) for r in rows_in}))
+        + ("" if len(rows_in) == len(doc["lengths"]) * len(doc["depths"]) * doc["trials"]
+           else f" (**partial run**: {len(rows_in)} of {len(doc['lengths']) * len(doc['depths']) * doc['trials']} "
+                "cases, trial-major order)") + ".",
         "",
         "Protocols: **aware** = the whole prompt (document + question) is prefilled and compacted, as in vLLM; "
         "**agnostic** = only the document is prefilled and compacted, then the question (and the chat template's "
@@ -647,7 +656,10 @@ def main(argv=None) -> int:
     cases = build_prompts(args, args.model)
     cache = results.ResumeCache(Path(str(args.out) + "-runs"), field="fingerprint")
     if args.hf:
-        hf_policies(args, cases, command)
+        if args.report_only:
+            hf_report(args, Path(str(args.out) + "-hf.json"))
+        else:
+            hf_policies(args, cases, command)
         return 0
     if args.hf_reference:
         hf_reference(args, cases, command)

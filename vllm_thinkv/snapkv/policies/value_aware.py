@@ -13,15 +13,11 @@ it needs nothing beyond the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from vllm_thinkv.snapkv.policies.base import PromptKV, real_dtype
 from vllm_thinkv.snapkv.policies.snapkv import SnapKVPolicy
-
-if TYPE_CHECKING:
-    from vllm_thinkv.snapkv.config import SnapKVConfig
 
 
 @dataclass(frozen=True)
@@ -30,10 +26,6 @@ class ValueAwarePolicy(SnapKVPolicy):
     epsilon: float = 1e-4  # keeps a small-attention token's product from vanishing
 
     name = "value_aware"
-
-    @classmethod
-    def from_config(cls, config: SnapKVConfig) -> ValueAwarePolicy:
-        return cls(window=config.window, sinks=config.sinks, kernel_size=config.kernel_size, pooling=config.pooling)
 
     def scores(self, prompt: PromptKV, budget: int) -> torch.Tensor:
         attention = super().scores(prompt, budget)  # [Hkv, N]
