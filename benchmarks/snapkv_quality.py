@@ -474,6 +474,8 @@ def hf_report(args, path: Path) -> None:
         f"Command: `{doc['command']}`",
         "",
     ]
+    if args.notes and Path(args.notes).is_file():
+        md += ["## Findings", "", Path(args.notes).read_text().strip(), ""]
     path.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {path}, {path.with_suffix('.md')}")
 
