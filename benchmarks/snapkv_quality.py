@@ -3,7 +3,8 @@
     python benchmarks/snapkv_quality.py --out benchmarks/results/snapkv-passkey \
         --haystack /work/shared/data/austen/{prideprejudice,persuasion,northangerabbey}.txt \
         --lengths 2048 4096 --depths 0.1 0.5 0.9 --trials 20 --budgets 256 512 1024 \
-        [--thin-model DIR [--calib FILES]] [--lock /tmp/thinkv-heavy.lock]
+        [--policies snapkv recent value_aware keydiff] [--sinks N] \
+        [--thin-model DIR [--calib FILES]] [--lock /tmp/thinkv-heavy.lock] [--hf]
 
 Prompts come from `vllm_thinkv.eval.passkey` (needle, question, chat template,
 scoring); trial i of a (length, depth) setting has its own seed, hence its own
@@ -12,8 +13,9 @@ attention backend; SnapKV via `hf_overrides={"thinkv_snapkv": ...}`) in a fresh
 process, serving all prompts in one greedy `generate` call. Configurations:
 
     full            thinkv, no SnapKV (the full-cache baseline)
-    snapkv-B        SnapKV, budget B (+ window), scored selection
-    recent-B        the B tokens just before the window (naive baseline)
+    POLICY-B        compaction policy POLICY (`--policies`: snapkv, recent,
+                    value_aware, keydiff; `snapkv.policies`), budget B (+ window);
+                    POLICY-sinksN-B with `--sinks N`
     stock           vLLM's own CPU attention, no plugin backend (opt-in)
     thin-full, thin-snapkv-B   the same on a thin-key checkpoint (--thin-model)
 
@@ -24,6 +26,13 @@ the prompts' fingerprint; `--overwrite` redoes them). `{out}.json/.md/.png` are
 rebuilt from those files after every configuration (`--report-only` rebuilds them
 without running). `--dry-run` is a tiny end-to-end run (2 prompts, 1 SnapKV engine)
 for tests. The script reads parse -> configurations -> run -> report.
+
+`--hf` runs the same configurations in the Hugging Face fp32 reference
+(`vllm_thinkv.hf.snapkv`) instead of vLLM, under two protocols: question-aware
+(the whole prompt is compacted, as in vLLM) and question-agnostic (the document
+is compacted before the question is appended, as for a cache reused by several
+questions). One prefill per case and protocol serves every policy and budget;
+results go to `{out}-hf.json/.md`, saved after every case and resumed.
 """
 
 from __future__ import annotations
@@ -52,13 +61,12 @@ def configurations(args, select: bool = True) -> list[dict]:
     """The engines to run: key, model role, SnapKV settings (None = full cache), backend.
     With `select`, only --configs, in the order given there (run the important ones first)."""
     snap = {"window": args.window, "kernel_size": args.kernel_size, "pooling": args.pooling}
+    sinks = {"sinks": args.sinks} if args.sinks else {}
     out = [{"key": "full", "model": "base", "snapkv": None, "backend": "thinkv"}]
-    for b in args.budgets:
-        out.append({"key": f"snapkv-{b}", "model": "base", "snapkv": {"budget": b, **snap, "policy": "snapkv"},
-                    "backend": "thinkv"})
-    for b in args.budgets:
-        out.append({"key": f"recent-{b}", "model": "base", "snapkv": {"budget": b, **snap, "policy": "recent"},
-                    "backend": "thinkv"})
+    for policy in args.policies:
+        for b in args.budgets:
+            out.append({"key": policy_key(policy, args.sinks, b), "model": "base",
+                        "snapkv": {"budget": b, **snap, "policy": policy, **sinks}, "backend": "thinkv"})
     if args.stock:
         out.append({"key": "stock", "model": "base", "snapkv": None, "backend": "stock"})
     if args.thin_model:
@@ -73,6 +81,10 @@ def configurations(args, select: bool = True) -> list[dict]:
             raise SystemExit(f"unknown --configs {unknown} (known with these arguments: {', '.join(known)})")
         out = [known[k] for k in dict.fromkeys(args.configs)]
     return out
+
+
+def policy_key(policy: str, sinks: int, budget: int) -> str:
+    return f"{policy}-sinks{sinks}-{budget}" if sinks else f"{policy}-{budget}"
 
 
 def engine_kwargs(args, config: dict, max_len: int) -> dict:
@@ -294,7 +306,10 @@ def plot(path: Path, summaries: dict, lengths: list[int], args, meta: dict) -> N
 
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.2), squeeze=False, sharey=True)
     styles = {"snapkv": ("C0", "o", "SnapKV"), "recent": ("C1", "s", "recent (naive)"),
+              "value_aware": ("C3", "D", "value-aware"), "keydiff": ("C4", "v", "KeyDiff (query-agnostic)"),
               "thin-snapkv": ("C2", "^", f"thin r={args.thin_rank} + SnapKV")}
+    styles.update({f"{p}-sinks{args.sinks}": (c, m, f"{label} + {args.sinks} sinks")
+                   for p, (c, m, label) in list(styles.items()) if args.sinks and not p.startswith("thin")})
     lines = {"full": ("k", "-", "full cache"), "stock": ("0.5", ":", "stock vLLM"),
              "thin-full": ("C2", "--", f"thin r={args.thin_rank}, full cache")}
     for ax, n in zip(axes[0], lengths):
@@ -324,6 +339,147 @@ def plot(path: Path, summaries: dict, lengths: list[int], args, meta: dict) -> N
 # --------------------------------------------------------------------------- HF reference
 
 
+def eos_ids(model, tok) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
+
+
+def answer_text(tok, tokens, eos: set[int]) -> str:
+    """The answer up to the first end-of-sequence token, as vLLM stops there."""
+    tokens = [int(t) for t in tokens]
+    cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return tok.decode(tokens[:cut], skip_special_tokens=True)
+
+
+def split_question(tok, prompt_ids: list[int]) -> int:
+    """Where the question starts: the largest k whose tail prompt_ids[k:] still contains the
+    whole question (so the document part [0, k) holds none of it)."""
+    from vllm_thinkv.eval.passkey import QUESTION
+
+    question = QUESTION.strip()
+    for k in range(len(prompt_ids) - 1, -1, -1):
+        if question in tok.decode(prompt_ids[k:]):
+            return k
+    raise ValueError("the prompt does not contain the passkey question")
+
+
+PROTOCOLS = ("aware", "agnostic")  # the question inside the compacted prompt, or appended after compaction
+
+
+def hf_policies(args, cases: list[dict], command: str) -> None:
+    """Every configuration of the base model in the HF fp32 reference, under both protocols;
+    `{out}-hf.json` is rewritten after each case and finished cases are skipped on a rerun."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import vllm_thinkv.hf.snapkv as ref
+    from vllm_thinkv.eval.passkey import score
+    from vllm_thinkv.snapkv.config import SnapKVConfig
+    from vllm_thinkv.snapkv.policies import make_policy
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    eos = eos_ids(model, tok)
+    configs = [c for c in configurations(args) if c["model"] == "base" and c["backend"] == "thinkv"]
+    path = Path(str(args.out) + "-hf.json")
+    done = json.loads(path.read_text()) if path.is_file() and not args.overwrite else {}
+    fp = fingerprint(cases)
+    # finished cases are kept when the same seed still makes the same prompt
+    same = {c["seed"]: [c["key"], c["prompt_tokens"], c["depth"]] for c in cases}
+    rows = {r["seed"]: r for r in done.get("cases", []) if same.get(r["seed"]) == [r["key"], r["prompt_tokens"],
+                                                                                  r["depth"]]}
+    started = time.time()
+    # trial-major, so that a run stopped early covers every length and depth alike
+    for i, c in enumerate(sorted(cases, key=lambda c: (c["trial"], c["length"], c["depth"]))):
+        row = rows.setdefault(c["seed"], {k: v for k, v in c.items() if k != "prompt_ids"} | {"answers": {}})
+        todo = {p: [cfg for cfg in configs if f"{p}/{cfg['key']}" not in row["answers"]] for p in PROTOCOLS}
+        if any(todo.values()):
+            # one forward pass serves both protocols: the document is a prefix of the prompt
+            split = {"aware": len(c["prompt_ids"]), "agnostic": split_question(tok, c["prompt_ids"])}
+            prefills = dict(zip(PROTOCOLS, ref.prefill_prefixes(model, torch.tensor([c["prompt_ids"]]), args.window,
+                                                                  [split[p] for p in PROTOCOLS])))
+        for protocol in PROTOCOLS:
+            if not todo[protocol]:
+                continue
+            prefilled, question = prefills[protocol], c["prompt_ids"][split[protocol]:]
+            row[f"{protocol}_compacted_tokens"] = prefilled.prompt_len
+            for cfg in todo[protocol]:
+                selections = None
+                if cfg["snapkv"] is not None:
+                    settings = SnapKVConfig.from_dict(cfg["snapkv"])
+                    kept = settings.kept_len(prefilled.prompt_len)
+                    if kept is None:
+                        raise SystemExit(f"a {prefilled.prompt_len}-token document is not compacted with {settings}")
+                    selections = ref.select(prefilled, make_policy(settings), kept - settings.window)
+                tokens, _ = ref.generate(model, prefilled, selections, args.max_new_tokens, question, stop=eos)
+                answer = answer_text(tok, tokens, eos)
+                row["answers"][f"{protocol}/{cfg['key']}"] = {"answer": answer, "correct": score(answer, c["key"])}
+        prefills = None
+        write_json(path, {"date": results.today(), "device": results.device_label("cpu"), "dtype": "float32",
+                          "command": command, "model": args.model, "window": args.window,
+                          "kernel_size": args.kernel_size, "pooling": args.pooling, "sinks": args.sinks,
+                          "lengths": args.lengths, "depths": args.depths, "trials": args.trials,
+                          "max_new_tokens": args.max_new_tokens, "protocols": list(PROTOCOLS),
+                          "configurations": [cfg["key"] for cfg in configs], "fingerprint": fp,
+                          "cases": [rows[k] for k in sorted(rows)]})
+        log.info("HF case %d/%d (seed %d, %d tokens) done, %.0f s so far", i + 1, len(cases), c["seed"],
+                 c["prompt_tokens"], time.time() - started)
+    hf_report(args, path)
+
+
+def hf_report(args, path: Path) -> None:
+    """`{out}-hf.md`: accuracy per configuration, protocol and length; Δ vs the same protocol's full cache."""
+    doc = json.loads(path.read_text())
+    rows_in = doc["cases"]
+    lengths = sorted({r["length"] for r in rows_in})
+    keys = [k for k in doc["configurations"]
+            if all(f"{p}/{k}" in r["answers"] for r in rows_in for p in doc["protocols"])]
+
+    def acc(protocol, key, length=None):
+        sel = [r["answers"][f"{protocol}/{key}"]["correct"] for r in rows_in if length in (None, r["length"])]
+        return 100.0 * sum(sel) / len(sel), f"{sum(sel)}/{len(sel)}"
+
+    headers = ["configuration"]
+    for p in doc["protocols"]:
+        headers += [*[f"{p} {n}" for n in lengths], f"{p} all", f"{p} Δ vs full"]
+    table = []
+    for k in keys:
+        row = [k]
+        for p in doc["protocols"]:
+            row += [f"{acc(p, k, n)[0]:.1f}" for n in lengths]
+            a, frac = acc(p, k)
+            row += [f"{a:.1f} ({frac})", "" if k == "full" else f"{a - acc(p, 'full')[0]:+.1f}"]
+        table.append(row)
+    md = [
+        "# Compaction policies, passkey retrieval, Hugging Face fp32 reference",
+        "",
+        f"Date {doc['date']}; device {doc['device']}; fp32; model `{doc['model']}`; prompt lengths {doc['lengths']} "
+        f"tokens; needle depths {doc['depths']}; {doc['trials']} trials per setting ({len(rows_in)} cases); greedy, "
+        f"up to {doc['max_new_tokens']} new tokens; window {doc['window']}, kernel {doc['kernel_size']}, "
+        f"{doc['pooling']} pooling; sinks {doc['sinks']}. Cases per (length, depth): "
+        + ", ".join(f"{n} @ {d:g}: {sum(r['length'] == n and r['depth'] == d for r in rows_in)}"
+                    for n, d in sorted({(r['length'], r['depth']) for r in rows_in}))
+        + ("" if len(rows_in) == len(doc["lengths"]) * len(doc["depths"]) * doc["trials"]
+           else f" (**partial run**: {len(rows_in)} of {len(doc['lengths']) * len(doc['depths']) * doc['trials']} "
+                "cases, trial-major order)") + ".",
+        "",
+        "Protocols: **aware** = the whole prompt (document + question) is prefilled and compacted, as in vLLM; "
+        "**agnostic** = only the document is prefilled and compacted, then the question (and the chat template's "
+        "assistant header) runs through the compacted cache, as for a cache reused by several questions. "
+        "Accuracy in % (correct / cases); Δ in points vs the full cache of the same protocol.",
+        "",
+        markdown_table(headers, table),
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+    ]
+    if args.notes and Path(args.notes).is_file():
+        md += ["## Findings", "", Path(args.notes).read_text().strip(), ""]
+    path.with_suffix(".md").write_text("\n".join(md))
+    print(f"wrote {path}, {path.with_suffix('.md')}")
+
+
 def hf_reference(args, cases: list[dict], command: str) -> None:
     """Evidence for misses: the HF fp32 reference SnapKV (largest budget) and the full cache on the
     cases with the given seeds, and how many (layer, KV head) pairs keep a whole key mention."""
@@ -333,6 +489,7 @@ def hf_reference(args, cases: list[dict], command: str) -> None:
     import vllm_thinkv.hf.snapkv as ref
     from vllm_thinkv.eval.passkey import score
     from vllm_thinkv.snapkv.config import SnapKVConfig
+    from vllm_thinkv.snapkv.policies import make_policy
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -341,41 +498,29 @@ def hf_reference(args, cases: list[dict], command: str) -> None:
     cfg = SnapKVConfig(budget=budget, window=args.window, kernel_size=args.kernel_size, pooling=args.pooling)
     vllm_path = Path(str(args.out) + "-runs", f"snapkv-{budget}.json")
     vllm = {r["seed"]: r["answer"] for r in json.loads(vllm_path.read_text())["results"]} if vllm_path.is_file() else {}
-    selections, select = [], ref._prefill_and_select
+    eos = eos_ids(model, tok)
 
-    def capture(*a, **k):  # keep the reference's kept indices; snapkv_generate looks the function up per call
-        out = select(*a, **k)
-        selections[:] = out[0]
-        return out
-
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
-
-    def text(tokens) -> str:  # up to the first end-of-sequence token, as vLLM stops there
-        tokens = [int(t) for t in tokens]
-        cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-        return tok.decode(tokens[:cut], skip_special_tokens=True)
+    def text(tokens) -> str:
+        return answer_text(tok, tokens, eos)
 
     rows = []
-    try:
-        ref._prefill_and_select = capture
-        for c in [c for c in cases if c["seed"] in set(args.hf_reference)]:
-            ids = torch.tensor([c["prompt_ids"]])
-            with torch.no_grad():
-                full = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)[0, ids.shape[1]:]
-            snap, _ = ref.snapkv_generate(model, ids, cfg, args.max_new_tokens)
-            full_text, snap_text = (text(t) for t in (full, snap))
-            key_ids, p = tok(c["key"], add_special_tokens=False)["input_ids"], c["prompt_ids"]
-            mentions = [torch.arange(i, i + len(key_ids)) for i in range(len(p)) if p[i:i + len(key_ids)] == key_ids]
-            complete = [any(bool(torch.isin(m, head).all()) for m in mentions) for sel in selections for head in sel]
-            rows.append({"seed": c["seed"], "length": c["length"], "depth": c["depth"], "key": c["key"],
-                         "full_answer": full_text, "full_correct": score(full_text, c["key"]),
-                         "snapkv_answer": snap_text, "snapkv_correct": score(snap_text, c["key"]),
-                         "vllm_answer": vllm.get(c["seed"]), "key_mentions": len(mentions),
-                         "complete_key_heads": sum(complete) / len(complete)})
-            log.info("HF reference seed %d: %s", c["seed"], rows[-1])
-    finally:
-        ref._prefill_and_select = select
+    for c in [c for c in cases if c["seed"] in set(args.hf_reference)]:
+        ids = torch.tensor([c["prompt_ids"]])
+        with torch.no_grad():
+            full = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+        prefilled = ref.prefill(model, ids, cfg.window)
+        selections = ref.select(prefilled, make_policy(cfg), cfg.kept_len(ids.shape[1]) - cfg.window)
+        snap, _ = ref.generate(model, prefilled, selections, args.max_new_tokens)
+        full_text, snap_text = (text(t) for t in (full, snap))
+        key_ids, p = tok(c["key"], add_special_tokens=False)["input_ids"], c["prompt_ids"]
+        mentions = [torch.arange(i, i + len(key_ids)) for i in range(len(p)) if p[i:i + len(key_ids)] == key_ids]
+        complete = [any(bool(torch.isin(m, head).all()) for m in mentions) for sel in selections for head in sel]
+        rows.append({"seed": c["seed"], "length": c["length"], "depth": c["depth"], "key": c["key"],
+                     "full_answer": full_text, "full_correct": score(full_text, c["key"]),
+                     "snapkv_answer": snap_text, "snapkv_correct": score(snap_text, c["key"]),
+                     "vllm_answer": vllm.get(c["seed"]), "key_mentions": len(mentions),
+                     "complete_key_heads": sum(complete) / len(complete)})
+        log.info("HF reference seed %d: %s", c["seed"], rows[-1])
     write_json(Path(str(args.out) + "-hf-reference.json"),
                {"date": results.today(), "device": results.device_label("cpu"), "dtype": "float32", "budget": budget,
                 "command": command,
@@ -414,6 +559,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=20, help="trials per (length, depth)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--policies", nargs="+", default=["snapkv", "recent", "value_aware", "keydiff"],
+                   help="compaction policies (thinkv_snapkv `policy`), each at every budget")
+    p.add_argument("--sinks", type=int, default=0, help="first prompt tokens always kept (every policy)")
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--kernel-size", type=int, default=7)
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
@@ -436,13 +584,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-reference", type=int, nargs="*", default=None, metavar="SEED",
                    help="instead of engines: HF fp32 reference SnapKV (largest budget) and full cache on these "
                    "cases (by seed), written to {out}-hf-reference.json")
+    p.add_argument("--hf", action="store_true", help="instead of engines: every configuration of the base model "
+                   "in the HF fp32 reference, question-aware and question-agnostic, to {out}-hf.json/.md")
     p.add_argument("--report-only", action="store_true", help="rebuild .json/.md/.png from -runs/ without running")
     p.add_argument("--dry-run", action="store_true",
-                   help="2 prompts (256 tokens, depths 0.1/0.9), one SnapKV engine (budget 64, window 16)")
+                   help="2 prompts (256 tokens, depths 0.1/0.9), one SnapKV engine (budget 64, window 16); "
+                   "with --hf: full and every policy at budget 64 in the HF reference")
     args = p.parse_args(argv)
     if args.dry_run:
         args.lengths, args.depths, args.trials, args.budgets = [256], [0.1, 0.9], 1, [64]
-        args.window, args.configs, args.thin_model, args.stock = 16, ["snapkv-64"], None, False
+        args.window, args.thin_model, args.stock = 16, None, False
+        args.configs = ["full", *[policy_key(p, args.sinks, 64) for p in args.policies]] if args.hf else ["snapkv-64"]
         args.kv_cache_gib, args.max_num_batched_tokens = 1, 128
     return args
 
@@ -505,6 +657,12 @@ def main(argv=None) -> int:
         args.model = str(smollm2_dir())
     cases = build_prompts(args, args.model)
     cache = results.ResumeCache(Path(str(args.out) + "-runs"), field="fingerprint")
+    if args.hf:
+        if args.report_only:
+            hf_report(args, Path(str(args.out) + "-hf.json"))
+        else:
+            hf_policies(args, cases, command)
+        return 0
     if args.hf_reference:
         hf_reference(args, cases, command)
         args.report_only = True

@@ -38,3 +38,46 @@ def test_dry_run_writes_results_and_resumes(smollm2_dir, tmp_path, monkeypatch, 
     monkeypatch.setattr(bench, "run_engine", lambda *a, **k: (_ for _ in ()).throw(AssertionError("engine started")))
     assert bench.main(argv) == 0
     assert (tmp_path / "snapkv-passkey-runs" / f"{key}.json").stat().st_mtime_ns == stamp
+
+
+def test_hf_dry_run_runs_every_policy_under_both_protocols(smollm2_dir, tmp_path, monkeypatch, load_benchmark):
+    """--hf: full and every policy in the HF reference, question-aware and question-agnostic."""
+    bench = load_benchmark("snapkv_quality")
+    out = tmp_path / "snapkv-passkey"
+    argv = ["--dry-run", "--hf", "--sinks", "2", "--model", str(smollm2_dir), "--out", str(out)]
+    assert bench.main(argv) == 0
+
+    result = json.loads((tmp_path / "snapkv-passkey-hf.json").read_text())
+    keys = ["full", "snapkv-sinks2-64", "recent-sinks2-64", "value_aware-sinks2-64", "keydiff-sinks2-64"]
+    assert result["configurations"] == keys and result["protocols"] == ["aware", "agnostic"]
+    assert result["date"] == date.today().isoformat() and result["command"].endswith(" ".join(argv))
+    assert len(result["cases"]) == 2
+    for case in result["cases"]:
+        assert set(case["answers"]) == {f"{p}/{k}" for p in ("aware", "agnostic") for k in keys}
+        assert all(isinstance(a["answer"], str) and isinstance(a["correct"], bool) for a in case["answers"].values())
+        # the agnostic protocol compacts the document only: the question's ~30 tokens come after
+        assert case["aware_compacted_tokens"] == case["prompt_tokens"]
+        assert 15 < case["prompt_tokens"] - case["agnostic_compacted_tokens"] < 60
+    md = (tmp_path / "snapkv-passkey-hf.md").read_text()
+    assert "| configuration | aware 256 | aware all | aware Δ vs full |" in md and "| keydiff-sinks2-64 |" in md
+
+    # A second run finds every case done and generates nothing.
+    import vllm_thinkv.hf.snapkv as ref
+
+    monkeypatch.setattr(ref, "generate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("generated")))
+    assert bench.main(argv) == 0
+
+
+def test_question_split(smollm2_dir, load_benchmark):
+    """The document part holds none of the question; the tail holds all of it."""
+    from transformers import AutoTokenizer
+
+    from vllm_thinkv.eval.passkey import QUESTION, build_case
+
+    bench = load_benchmark("snapkv_quality")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok("word " * 2000, add_special_tokens=False)["input_ids"]
+    case = build_case(tok, ids, 300, 0.5, seed=3)
+    k = bench.split_question(tok, case.prompt_ids)
+    assert QUESTION.strip() in tok.decode(case.prompt_ids[k:])
+    assert "What is" not in tok.decode(case.prompt_ids[:k]) and case.key in tok.decode(case.prompt_ids[:k])

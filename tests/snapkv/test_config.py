@@ -20,6 +20,12 @@ from vllm_thinkv.snapkv import SnapKVConfig
         ({}, "give exactly one of `budget`"),
         ({"budget": 64, "budget_ratio": 0.5}, "give exactly one of `budget`"),
         ({"budget": 64, "windw": 8}, "unknown keys ['windw']"),
+        ({"budget": 64, "sinks": -1}, "sinks must be a non-negative integer (first prompt tokens always kept), got -1"),
+        ({"budget": 64, "sinks": 2.5}, "sinks must be a non-negative integer"),
+        ({"budget": 64, "sinks": True}, "sinks must be a non-negative integer"),
+        ({"budget": 64, "sinks": 64}, "sinks (64) must be smaller than budget (64)"),
+        ({"budget": 64, "policy": "h2o"},
+         "unknown policy 'h2o' (supported: snapkv, recent, value_aware, keydiff)"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(settings, message):
@@ -49,7 +55,7 @@ def test_absent_means_off():
 
 
 def test_unknown_policy_rejected():
-    with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent\\)"):
+    with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent, value_aware, keydiff\\)"):
         SnapKVConfig(budget=64, policy="oldest")
 
 

@@ -61,6 +61,35 @@ def test_selection_and_generation_match_transformers(mixed_run, smollm2):
     assert run["results"][-1]["num_cached_tokens"] == 0  # prefix caching is off with SnapKV
 
 
+@pytest.mark.parametrize("policy, sinks", [("value_aware", 4), ("keydiff", 2)])
+def test_other_policies_match_transformers_and_free_blocks(smollm2_dir, smollm2, policy, sinks):
+    """One engine per policy: a 600-token prompt prefilled in 128-token chunks next to a
+    short one. The kept tokens (sinks first) and the generated tokens equal the HF
+    reference's; the request then holds the blocks of budget + window tokens and of the
+    positions it decodes at."""
+    tok, model = smollm2
+    settings = {**SNAPKV, "policy": policy, "sinks": sinks}
+    prompts = prompts_from_text(tok, packaged_text(), [600, 40])
+    engine = {**ENGINE, "block_size": 16, "attention_backend": "thinkv", "hf_overrides": {"thinkv_snapkv": settings}}
+    trace = run_engine({"model": str(smollm2_dir), "engine": engine, "batches": [prompts], "max_tokens": 24},
+                       mode="trace", probes=["snapkv_selections"])
+    config = SnapKVConfig(**settings)
+    ids = torch.tensor([prompts[0]])
+    reference = snapkv_reference(model, ids, config)
+    for layer, (selections, expected) in enumerate(zip(trace["snapkv_selections"], reference)):
+        assert [p for p, _ in selections] == [600], layer
+        assert (expected[:, :sinks] == torch.arange(sinks)).all()
+        assert_selection(selections[0][1], expected)
+    tokens, _ = snapkv_generate(model, ids, config, max_new_tokens=24)
+    assert trace["requests"][0]["token_ids"] == tokens
+    held = [(r["computed"], r["blocks"]) for s in trace["steps"] for r in s["running"] if r["prompt"] == 600]
+    assert (600, 38) in held  # the whole prompt until compaction
+    compacted = [(c, b) for c, b in held if c >= 600 + 2]
+    # 9 blocks for the 144 kept tokens (budget 128 + window 16); the gap's whole blocks are freed; decode
+    # tokens keep their positions from 600 on, the first in block 37 (positions 592-607, partly gap)
+    assert compacted and [(c, b) for c, b in compacted if b != 9 + -(-c // 16) - 600 // 16] == [], held
+
+
 def test_prompt_blocks_are_given_back(tiny_llama_dir):
     """A 4096-token prompt, budget 1024, window 32, block 16: after the prompt the
     request holds ceil(1056 / 16) = 66 blocks plus its decode blocks."""
@@ -130,3 +159,4 @@ def test_bad_settings_fail_at_startup(tiny_llama_dir):
     with pytest.raises(EngineFailed) as err:
         run_engine(spec, timeout=300)
     assert "thinkv_snapkv: window (64) must be smaller than budget (64)" in err.value.log
+

@@ -7,15 +7,14 @@ prompt queries of each request being prefilled, needed once the whole prompt
 is cached.
 
 Compaction gathers the request's prompt K/V through its block table, selects
-per KV head, and writes the kept tokens (selected ones in position order, then
-the window) back to positions [0, kept) with the layer's own `write_kv` op.
-Keys keep the RoPE of their original positions.
+per KV head with the deployment's policy (`snapkv.policies`), and writes the
+kept tokens (selected ones in position order, then the window) back to
+positions [0, kept) with the layer's own `write_kv` op. Keys keep the RoPE of their original positions.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +22,7 @@ from vllm.logger import init_logger
 
 from vllm_thinkv.backend.ops import AttentionOps
 from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.policies import RecentPolicy, make_policy
 from vllm_thinkv.snapkv.selection import select_tokens
 from vllm_thinkv.snapkv.tracker import Compaction
 
@@ -35,6 +35,7 @@ logger = init_logger(f"vllm.{__name__}")
 class SnapKVLayer:
     def __init__(self, snapkv_config: SnapKVConfig, scale: float, ops: AttentionOps):
         self.snapkv_config = snapkv_config
+        self.policy = make_policy(snapkv_config)
         self.scale = scale
         self.ops = ops
         # first block -> its request's last `window` queries [<= window, H, r]. Entries leave on
@@ -65,12 +66,12 @@ class SnapKVLayer:
         keys = self.ops.gather_tokens(key_cache, blocks, 0, c.prompt_len)  # [P, Hkv, r] (a copy)
         values = self.ops.gather_tokens(value_cache, blocks, 0, c.prompt_len)  # [P, Hkv, d]
         window_q = self.window_queries.pop(c.first_block, None)
-        config = self.snapkv_config
-        if window_q is None:  # released by age: should not happen; keep serving rather than fail the request
+        policy = self.policy
+        if window_q is None and policy.uses_queries:  # released by age: should not happen; keep serving
             logger.warning("thinkv SnapKV: no saved window queries for a %d-token prompt; keeping its most "
                            "recent tokens instead", c.prompt_len)
-            config = replace(config, policy="recent")
-        selected = select_tokens(window_q, keys, self.scale, config, c.kept_len - w)  # [Hkv, budget]
+            policy = RecentPolicy(window=w, sinks=policy.sinks)
+        selected = select_tokens(policy, window_q, keys, values, self.scale, c.kept_len - w)  # [Hkv, budget]
         window = torch.arange(c.prompt_len - w, c.prompt_len, device=keys.device).expand(keys.shape[1], w)
         keep = torch.cat([selected, window], dim=1).T  # [kept, Hkv]
         new_keys = keys.gather(0, keep[..., None].expand(-1, -1, keys.shape[-1]))

@@ -1,98 +1,159 @@
-"""Reference SnapKV on a transformers model (stock or thin-key): the kept token
+"""Reference compaction on a transformers model (stock or thin-key): the kept token
 indices, and greedy generation from the compacted cache.
 
-Independent of the serving path: the attention probabilities are the ones the
-HF model itself computes (eager attention, which returns them), not a
-recomputation from cached keys and saved queries, and the cache is compacted
-in transformers' own `DynamicCache`. Only the post-processing follows the same
-definition (sum over the window queries, pool, average over each GQA group,
-top-`budget` per KV head with ties to the earlier token, position order).
+Independent of the serving path: the window attention probabilities are the ones
+the HF model itself computes (eager attention, which returns them), not a
+recomputation from cached keys and saved queries, and the cache is compacted in
+transformers' own `DynamicCache`. The scoring is the deployment's policy
+(`snapkv.policies`, the code the backend runs; checked against float64 loops in
+tests/snapkv), fed in float64.
+
+Two protocols: question-aware (the whole prompt is prefilled and compacted, as in
+vLLM) and question-agnostic (`generate(..., question_ids=...)`: the document is
+compacted before the question is appended, as for a cache reused by several
+questions; kvpress's default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from vllm_thinkv.hf.capture import attention_modules
 from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.policies import Policy, PromptKV, make_policy
 
 
-def _prefill_and_select(model, input_ids: torch.Tensor, config: SnapKVConfig, cache):
-    """Run the prompt; return (selections per layer [Hkv, budget], last-position logits)."""
-    prompt_len = input_ids.shape[1]
-    kept = config.kept_len(prompt_len)
-    if kept is None:
-        raise ValueError(f"a {prompt_len}-token prompt is not compacted with {config}")
-    w, budget = config.window, kept - config.window
-    hf_config = model.config
-    group = hf_config.num_attention_heads // hf_config.num_key_value_heads
-    window_probs: dict[int, torch.Tensor] = {}
+@dataclass
+class Prefilled:
+    """One prompt after prefill: what every policy and budget is chosen from."""
+
+    prompt_len: int
+    window: int
+    window_probs: list[torch.Tensor]  # per layer [H, w, P] float64, the model's own attention
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [1, Hkv, P, *] as cached
+    logits: torch.Tensor  # the last prompt position's logits
+
+
+@torch.no_grad()
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, window: int) -> Prefilled:
+    """Run the prompt [1, P] with eager attention, keeping the last `window` rows of each
+    layer's attention probabilities and the cache."""
+    return prefill_prefixes(model, input_ids, window, [input_ids.shape[1]])[0]
+
+
+@torch.no_grad()
+def prefill_prefixes(model: torch.nn.Module, input_ids: torch.Tensor, window: int,
+                     ends: list[int]) -> list[Prefilled]:
+    """One forward pass of the prompt [1, P], seen as each of its prefixes [0, e) for e in
+    `ends`: attention is causal, so the prefix's cache and window attention (rows e-w..e-1,
+    columns < e) are those of a prefill of the prefix alone (up to summation order)."""
+    from transformers import DynamicCache
+
+    window_probs: dict[int, list[torch.Tensor]] = {}
 
     def keep_window(layer: int):
         def hook(module, args, kwargs, output):
-            window_probs[layer] = output[1][0, :, -w:, :].double()  # [H, w, P]
+            window_probs[layer] = [output[1][0, :, e - window:e, :e].double() for e in ends]  # [H, w, e]
         return hook
 
+    hf_config = model.config
+    cache = DynamicCache(config=hf_config)
     previous = hf_config._attn_implementation
     hf_config._attn_implementation = "eager"  # the implementation that returns attention probabilities
     handles = [m.register_forward_hook(keep_window(i), with_kwargs=True) for i, m in enumerate(attention_modules(model))]
     try:
-        logits = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=cache is not None).logits
+        logits = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True).logits
     finally:
         hf_config._attn_implementation = previous
         for h in handles:
             h.remove()
+    return [Prefilled(e, window, [window_probs[i][j] for i in range(len(window_probs))],
+                      [(layer.keys[:, :, :e], layer.values[:, :, :e]) for layer in cache.layers], logits[0, e - 1])
+            for j, e in enumerate(ends)]
 
-    pool = F.max_pool1d if config.pooling == "max" else F.avg_pool1d
-    selections = []
-    for layer in range(len(window_probs)):
-        if config.policy == "recent":
-            num_kv_heads = hf_config.num_key_value_heads
-            selections.append(torch.arange(prompt_len - w - budget, prompt_len - w).expand(num_kv_heads, budget).clone())
-            continue
-        votes = window_probs[layer][:, :, : prompt_len - w].sum(dim=1)  # [H, P - w]
-        pooled = pool(votes[:, None, :], config.kernel_size, stride=1, padding=config.kernel_size // 2)[:, 0]
-        scores = pooled.view(-1, group, prompt_len - w).mean(dim=1)  # [Hkv, P - w]
-        best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :budget]
-        selections.append(best.sort(dim=-1).values.cpu())
-    return selections, logits[0, -1]
+
+def select(prefilled: Prefilled, policy: Policy, budget: int) -> list[torch.Tensor]:
+    """Kept prompt-token indices per layer, each [Hkv, budget] (window excluded), on the CPU."""
+    if policy.window != prefilled.window:
+        raise ValueError(f"prefilled with window {prefilled.window}, policy window {policy.window}")
+    out = []
+    for probs, (keys, values) in zip(prefilled.window_probs, prefilled.kv):
+        group = probs.shape[0] // keys.shape[1]
+        prompt = PromptKV(keys[0].transpose(0, 1).double(), values[0].transpose(0, 1).double(),
+                          lambda h, probs=probs: probs[h * group:(h + 1) * group])
+        out.append(policy.select(prompt, budget).indices.cpu())
+    return out
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prefilled: Prefilled, selections: list[torch.Tensor] | None,
+             max_new_tokens: int, question_ids: list[int] | None = None,
+             stop: Collection[int] = ()) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy generation after `prefilled`, each layer's cache compacted to its selection (per
+    KV head, the selected tokens in position order, then the window; None: the full cache).
+
+    Without `question_ids` the first token comes from the full prefill (as in the SnapKV
+    paper); with them, the question is run through the compacted cache first. New tokens
+    use their true positions. Stops after a token in `stop`. Returns the token ids and,
+    per step, the log-probabilities over the vocabulary."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    prompt_len, w = prefilled.prompt_len, prefilled.window
+    for i, (keys, values) in enumerate(prefilled.kv):
+        if selections is not None:
+            selected = selections[i]
+            window = torch.arange(prompt_len - w, prompt_len).expand(selected.shape[0], w)
+            keep = torch.cat([selected, window], dim=1).to(keys.device)[None, :, :, None]  # [1, Hkv, kept, 1]
+            keys = keys.gather(2, keep.expand(-1, -1, -1, keys.shape[-1]))
+            values = values.gather(2, keep.expand(-1, -1, -1, values.shape[-1]))
+        cache.update(keys, values, i)
+
+    def step(ids: list[int], start: int) -> torch.Tensor:
+        return model(input_ids=torch.tensor([ids], device=model.device),
+                     position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
+                     past_key_values=cache, use_cache=True).logits[0, -1]
+
+    position = prompt_len
+    logits = prefilled.logits
+    if question_ids:
+        logits = step(list(question_ids), position)
+        position += len(question_ids)
+    tokens, logprobs = [], []
+    for n in range(max_new_tokens):
+        step_logprobs = logits.float().log_softmax(-1)
+        tokens.append(int(step_logprobs.argmax()))
+        logprobs.append(step_logprobs.cpu())
+        if n + 1 == max_new_tokens or tokens[-1] in stop:
+            break
+        logits = step([tokens[-1]], position + n)
+    return tokens, logprobs
+
+
+def _checked(config: SnapKVConfig, prompt_len: int) -> int:
+    kept = config.kept_len(prompt_len)
+    if kept is None:
+        raise ValueError(f"a {prompt_len}-token prompt is not compacted with {config}")
+    return kept - config.window
 
 
 @torch.no_grad()
 def snapkv_reference(model: torch.nn.Module, input_ids: torch.Tensor, config: SnapKVConfig) -> list[torch.Tensor]:
     """Kept prompt-token indices per layer, each [Hkv, budget] (window excluded), for the
-    prompt `input_ids` [1, P]. Raises ValueError if the prompt is too short to compact."""
-    return _prefill_and_select(model, input_ids, config, cache=None)[0]
+    prompt `input_ids` [1, P] and the deployment's settings (policy included). Raises
+    ValueError if the prompt is too short to compact."""
+    budget = _checked(config, input_ids.shape[1])
+    return select(prefill(model, input_ids, config.window), make_policy(config), budget)
 
 
 @torch.no_grad()
 def snapkv_generate(model: torch.nn.Module, input_ids: torch.Tensor, config: SnapKVConfig,
                     max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy generation with SnapKV applied to the prompt's cache after prefill.
-
-    Returns the generated token ids and, per step, the log-probabilities over the
-    vocabulary. The first token comes from the full prefill (as in the paper);
-    then each layer's cache keeps, per KV head, the selected tokens (in position
-    order) and the window, and decode tokens use their true positions.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    selections, logits = _prefill_and_select(model, input_ids, config, cache)
-    prompt_len, w = input_ids.shape[1], config.window
-    for layer, selected in zip(cache.layers, selections):
-        window = torch.arange(prompt_len - w, prompt_len).expand(selected.shape[0], w)
-        keep = torch.cat([selected, window], dim=1).to(layer.keys.device)[None, :, :, None]  # [1, Hkv, kept, 1]
-        layer.keys = layer.keys.gather(2, keep.expand(-1, -1, -1, layer.keys.shape[-1]))
-        layer.values = layer.values.gather(2, keep.expand(-1, -1, -1, layer.values.shape[-1]))
-    tokens, logprobs = [], []
-    for step in range(max_new_tokens):
-        step_logprobs = logits.float().log_softmax(-1)
-        tokens.append(int(step_logprobs.argmax()))
-        logprobs.append(step_logprobs.cpu())
-        if step + 1 < max_new_tokens:
-            logits = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device),
-                           position_ids=torch.tensor([[prompt_len + step]], device=model.device),
-                           past_key_values=cache, use_cache=True).logits[0, -1]
-    return tokens, logprobs
+    """Greedy generation with the prompt's cache compacted after prefill (question-aware).
+    Returns the generated token ids and, per step, the log-probabilities over the vocabulary."""
+    budget = _checked(config, input_ids.shape[1])
+    prefilled = prefill(model, input_ids, config.window)
+    return generate(model, prefilled, select(prefilled, make_policy(config), budget), max_new_tokens)

@@ -3,10 +3,13 @@
     --hf-overrides '{"thinkv_snapkv": {"budget": 1024, "window": 32, "kernel_size": 7, "pooling": "max"}}'
 
 `budget` (tokens kept per KV head besides the window) or `budget_ratio` (a
-fraction of the prompt). `policy: "recent"` keeps the `budget` tokens just
-before the window instead of the best-scored ones: a naive baseline for
-measuring what the scores buy. `max_budget` caps what any request keeps per KV
-head outside the window (a ratio, or a request's own budget: `snapkv.requests`). A prompt of length P is compacted when P > budget + window:
+fraction of the prompt). `policy` picks how the budget is spent
+(`snapkv.policies`): `snapkv` (window attention, pooled), `recent` (the tokens
+just before the window: a naive baseline), `value_aware` (SnapKV x value norm,
+CriticalKV-style), `keydiff` (key diversity; ignores the question). `sinks`: the
+first N prompt tokens are always kept, counted in the budget. `max_budget` caps
+what any request keeps per KV head outside the window (a ratio, or a request's
+own budget: `snapkv.requests`). A prompt of length P is compacted when P > budget + window:
 afterwards it occupies token positions [0, budget + window) of its cache and the
 positions [budget + window, P) form a gap whose whole blocks are freed.
 """
@@ -20,7 +23,7 @@ from vllm_thinkv.errors import ThinKVError
 
 HF_CONFIG_KEY = "thinkv_snapkv"
 POOLINGS = ("max", "avg")
-POLICIES = ("snapkv", "recent")
+POLICIES = ("snapkv", "recent", "value_aware", "keydiff")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class SnapKVConfig:
     pooling: str = "max"
     policy: str = "snapkv"
     max_budget: int | None = None
+    sinks: int = 0
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ThinKVError:
@@ -60,6 +64,10 @@ class SnapKVConfig:
                 raise bad(f"budget ({self.budget}) exceeds max_budget ({self.max_budget})")
         if self.policy not in POLICIES:
             raise bad(f"unknown policy {self.policy!r} (supported: {', '.join(POLICIES)})")
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise bad(f"sinks must be a non-negative integer (first prompt tokens always kept), got {self.sinks!r}")
+        if self.budget is not None and self.sinks >= self.budget:
+            raise bad(f"sinks ({self.sinks}) must be smaller than budget ({self.budget})")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SnapKVConfig:

@@ -1,0 +1,28 @@
+"""Post-prefill compaction policies, kvpress style: one small file per policy, each a
+frozen dataclass of its settings behind `base.Policy`; `make_policy` builds the
+deployment's policy from its `thinkv_snapkv` settings (`policy` names it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vllm_thinkv.snapkv.policies.base import Policy, PromptKV, Selection, top_tokens
+from vllm_thinkv.snapkv.policies.keydiff import KeyDiffPolicy
+from vllm_thinkv.snapkv.policies.recent import RecentPolicy
+from vllm_thinkv.snapkv.policies.snapkv import SnapKVPolicy
+from vllm_thinkv.snapkv.policies.value_aware import ValueAwarePolicy
+
+if TYPE_CHECKING:
+    from vllm_thinkv.snapkv.config import SnapKVConfig
+
+# The names `SnapKVConfig` accepts (config.POLICIES) map to these classes (tests check both lists agree).
+REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (SnapKVPolicy, RecentPolicy, ValueAwarePolicy,
+                                                                KeyDiffPolicy)}
+
+
+def make_policy(config: SnapKVConfig) -> Policy:
+    return REGISTRY[config.policy].from_config(config)
+
+
+__all__ = ["REGISTRY", "KeyDiffPolicy", "Policy", "PromptKV", "RecentPolicy", "Selection", "SnapKVPolicy",
+           "ValueAwarePolicy", "make_policy", "top_tokens"]
