@@ -1,8 +1,9 @@
 """`paged_attention_numba`: `paged_attention` on CPU, reading K and V in place from the paged cache.
 
 Why: the torch path (`torch_ops`) gathers every sequence's blocks into new tensors before
-attending, so each cached byte is read, written and read again; CPU decode is bound by
-memory bandwidth, so that copy costs more than the attention. This op hands the cache's
+attending, so each cached byte is read, written and read again (CPU decode at long contexts
+is expected to be bound by memory bandwidth, as on a GPU; `benchmarks/cpu_decode.py`
+measures both paths). This op hands the cache's
 raw storage to a numba kernel (`numba_kernel.attend`) that reads each kept token's K and V
 once per share group of KV heads, for all of the group's query heads, with an online
 softmax in float32 — no C compiler at install time (numba ships as wheels, and is a
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import sys
 import types
 
 import torch
@@ -52,6 +54,11 @@ def available() -> bool:
 
 @functools.cache
 def _kernel() -> types.ModuleType:
+    cores = _pinned_cores()
+    if cores and "numba" not in sys.modules:
+        # numba sizes its pool (NUMBA_NUM_THREADS) from the importing thread's CPU mask: one core in a
+        # pinned vLLM worker. Size it by torch's cores instead (a user's own setting wins).
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(len(cores)))
     import numba
 
     from . import numba_kernel
@@ -154,10 +161,11 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
     if shape.num_tokens == 0:
         return out
 
+    kernel = _kernel()  # first: it sizes numba's pool before numba is imported
+
     import numba
     import numpy as np
 
-    kernel = _kernel()
     threads = _threads(numba)
     num_groups = shape.num_kv_heads // shape.key_share
     window = call.sliding_window or 0

@@ -113,3 +113,46 @@ def test_processor_follows_rows_and_the_builder_finds_it():
     assert proc.rows == {0: RequestBudget(off=True)}
     logits = torch.randn(2, 5)
     assert torch.equal(proc.apply(logits.clone()), logits) and proc.is_argmax_invariant()
+
+
+def test_processor_named_recognises_vllms_forms():
+    from vllm_thinkv.snapkv.requests import PROCESSOR, processor_named
+
+    assert processor_named([PROCESSOR]) and processor_named(["x:Y", SnapKVRequestBudgets])
+    assert processor_named([PROCESSOR.replace(":", ".")])
+    assert not processor_named(None) and not processor_named([]) and not processor_named(["x:SnapKVRequestBudgets"])
+
+
+class _Request:
+    def __init__(self, request_id: str, extra_args):
+        self.request_id = request_id
+        self.sampling_params = SamplingParams(extra_args=extra_args)
+
+
+@pytest.mark.parametrize("per_request", [False, True])
+def test_manager_reads_request_budgets_only_where_the_worker_does(per_request):
+    """Without the processor the worker applies the deployment's budget to every request, so the
+    KV manager must too (a request's keys are ignored, never half-applied, and never raise);
+    with it, both read the request's own budget."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_thinkv.snapkv.kv_cache import SnapKVManager, SnapKVSpec
+
+    deployment = SnapKVConfig(budget=64, window=16, per_request=per_request)
+    spec = SnapKVSpec.from_spec(FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=16, head_size_v=64,
+                                                  dtype=torch.float32), deployment)
+    manager = SnapKVManager(spec, block_pool=BlockPool(64, False, 16), enable_caching=False,
+                            kv_cache_group_id=0, scheduler_block_size=16)
+    assert manager.enable_caching is per_request  # the coordinator calls cache_blocks only then
+    manager.allocate_new_blocks("a", 32, 32)
+    manager.cache_blocks(_Request("a", {"thinkv_snapkv_budget": 8}), 32, replay_boundaries=[])
+    if not per_request:
+        manager.allocate_new_blocks("b", 32, 32)
+        manager.cache_blocks(_Request("b", {"thinkv_snapkv_budget": -1}), 32, replay_boundaries=[])  # ignored
+    assert manager._requests == ({"a": RequestBudget(budget=8)} if per_request else {})
+
+
+def test_per_request_is_not_a_user_setting():
+    with pytest.raises(ThinKVError, match=r"unknown keys \['per_request'\]"):
+        SnapKVConfig.from_dict({"budget": 64, "per_request": True})

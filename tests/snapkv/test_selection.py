@@ -50,10 +50,9 @@ def reference_selection(window_q, keys, values, scale, config, budget):
         elif config.policy == "snapkv":
             kept += ranked(reference_scores(window_q, keys, scale, config)[h].tolist(), kept)[: budget - sinks]
         elif config.policy == "value_aware":
-            # CriticalKV's two stages: half the budget by attention, the rest by attention x |v|_1
+            # CriticalKV's two stages: half of what the sinks leave by attention, the rest by attention x |v|_1
             attn = reference_scores(window_q, keys, scale, config)[h].tolist()
-            first = ranked(attn)[: budget // 2]
-            kept += [t for t in first if t not in kept]
+            kept += ranked(attn, kept)[: (budget - sinks) // 2]
             norms = [float(values[t, h].double().abs().sum()) for t in range(n)]
             product = [(attn[t] + 1e-4) * norms[t] for t in range(n)]
             kept += ranked(product, kept)[: budget - len(kept)]

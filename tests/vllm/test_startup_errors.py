@@ -9,6 +9,7 @@ import pytest
 
 from tests.tiny import build_tiny_llama
 from tests.vllm.engine import BASE_ENV, ENGINE, EngineFailed, run_engine
+from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.serve.process import ServerProcess
 
 
@@ -153,3 +154,16 @@ def test_vllm_builds_no_config_for_snapkv_with_replicated_kv_heads(tiny_llama_di
     with pytest.raises(ValueError, match=r"thinkv_snapkv: the tensor-parallel size \(4\) exceeds the model's 2 KV heads"):
         EngineArgs(model=str(tiny_llama_dir), hf_overrides={"thinkv_snapkv": {"budget": 64}}, tensor_parallel_size=4,
                    attention_backend="thinkv", enforce_eager=True).create_engine_config()
+
+
+def test_preflight_refuses_load_time_compression_split_past_the_kv_heads():
+    """Load-time compression builds the same thin model as a checkpoint: the preflight (`thinkv serve`, the
+    CPU platform plugin) applies the same TP rule as the engine (`models.llama_family`), not only the
+    load-time-specific one."""
+    from vllm_thinkv.serve.preflight import check_model_config
+
+    config = {"architectures": ["ThinKVLlamaForCausalLM"], "thinkv": {"method": "pca", "rank": 32},
+              "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2}
+    check_model_config(config, tensor_parallel=1)
+    with pytest.raises(ThinKVError, match=r"tensor-parallel size \(2\) to divide the number of KV heads \(1\)"):
+        check_model_config(config, tensor_parallel=2)

@@ -19,6 +19,7 @@ Stock models with `--attention-backend thinkv` reach both through
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from vllm.logger import init_logger
@@ -29,6 +30,7 @@ from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_sliding_window
 from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.config import check_tensor_parallel as check_snapkv_parallel
+from vllm_thinkv.snapkv.requests import processor_named
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -71,6 +73,7 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
             # (is_prefilling), which the block manager cannot see: the two would
             # disagree about when the prompt was compacted.
             raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
+        snapkv_config = replace(snapkv_config, per_request=processor_named(model_config.logits_processors))
         logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
                          "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()))
     return backend_for(snapkv_config)

@@ -3,7 +3,7 @@
 CUDA: the Triton kernels. CPU (`THINKV_CPU_ATTENTION`): by default `numba`, the
 JIT-compiled kernel that reads K and V in place from the paged cache
 (`kernels.cpu_numba`); `torch`, the vectorised torch implementation of the same op
-(gathers each sequence's blocks first: slower, the readable fallback and test oracle);
+(gathers each sequence's blocks into a copy first; the readable fallback and test oracle);
 `triton`, the real Triton kernels under the interpreter (needs `TRITON_INTERPRET=1`
 set before Triton is first imported; a kernel program takes milliseconds there, so
 only for tests), which is how CI checks the kernels inside a running vLLM engine.

@@ -45,8 +45,9 @@ def check_model_config(config: Mapping[str, Any], tensor_parallel: int = 1, pipe
         kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
         if isinstance(parsed, CompressRequest):
             check_load_time_parallel(parsed, tensor_parallel, pipeline_parallel)
-        elif kv_heads:
-            check_tensor_parallel(kv_heads, tensor_parallel, parsed.share_group)
+        if kv_heads:  # load-time compression too: it builds the same thin model (`models.llama_family`)
+            share = parsed.share_group_for(kv_heads) if isinstance(parsed, CompressRequest) else parsed.share_group
+            check_tensor_parallel(kv_heads, tensor_parallel, share)
         if head_dim and isinstance(parsed, CompressRequest):
             parsed.check_head_dim(head_dim)
             if kv_heads:

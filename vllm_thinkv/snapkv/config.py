@@ -36,6 +36,10 @@ class SnapKVConfig:
     policy: str = "snapkv"
     max_budget: int | None = None
     sinks: int = 0
+    # Not a `thinkv_snapkv` key: set by the deployment check (`backend.deployment`) when the deployment
+    # names the per-request logits processor (`snapkv.requests`). Requests' own budgets are read by the
+    # engine core's KV manager exactly when the worker, through that processor, reads them too.
+    per_request: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ThinKVError:
@@ -73,11 +77,10 @@ class SnapKVConfig:
     def from_dict(cls, d: dict[str, Any]) -> SnapKVConfig:
         if not isinstance(d, dict):
             raise ThinKVError(f"{HF_CONFIG_KEY} must be a JSON object, got {d!r}")
-        unknown = set(d) - set(cls.__dataclass_fields__)
+        known = [name for name in cls.__dataclass_fields__ if name != "per_request"]
+        unknown = set(d) - set(known)
         if unknown:
-            raise ThinKVError(
-                f"{HF_CONFIG_KEY}: unknown keys {sorted(unknown)} (known: {', '.join(cls.__dataclass_fields__)})"
-            )
+            raise ThinKVError(f"{HF_CONFIG_KEY}: unknown keys {sorted(unknown)} (known: {', '.join(known)})")
         return cls(**d)
 
     @classmethod

@@ -59,10 +59,11 @@ class SnapKVManager(FullAttentionManager):
         self._scheduled_end: dict[str, int] = {}  # end of the request's latest scheduled step
         self._compaction_start: dict[str, int] = {}  # C, once its compaction step is scheduled
         self._requests: dict[str, RequestBudget | None] = {}  # each request's own budget (`snapkv.requests`)
-        # `cache_blocks` is the one manager call that carries the Request (hence its extra_args). The
-        # coordinator skips it when prefix caching is off; the spec is never prefix-cacheable, so the
-        # base method caches nothing either way.
-        self.enable_caching = True
+        if self.snapkv_config.per_request:
+            # `cache_blocks` is the one manager call that carries the Request (hence its extra_args). The
+            # coordinator skips it when prefix caching is off; the spec is never prefix-cacheable, so the
+            # base method caches nothing either way.
+            self.enable_caching = True
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -85,7 +86,8 @@ class SnapKVManager(FullAttentionManager):
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
-        if request.request_id not in self._requests:
+        # Only where the worker reads requests' budgets too (the processor validated them at admission).
+        if self.snapkv_config.per_request and request.request_id not in self._requests:
             params = request.sampling_params
             budget = request_budget(params.extra_args if params is not None else None)
             warn_if_capped(self.snapkv_config, budget, request.request_id)

@@ -13,8 +13,10 @@ never changes logits; it is the vLLM interface that (1) checks each request's
 extra_args at admission (`validate_params`; a bad value fails that request with
 HTTP 400) and (2) follows each request's row in the worker's persistent batch,
 which is what the attention metadata builder needs (`rows`). The engine core's
-KV manager reads the same extra_args from the request (`kv_cache.SnapKVManager`);
-both resolve them with `budgets.kept_len`, so they agree on every request's gap.
+KV manager reads the same extra_args from the request (`kv_cache.SnapKVManager`),
+only in deployments that name the processor (`SnapKVConfig.per_request`, set by
+the deployment check); both resolve them with `budgets.kept_len`, so they agree
+on every request's gap. Deployments that do not name it ignore the keys.
 
 Why not an entry-point logits-processor plugin: vLLM loads those into every
 deployment, and its V2 model runner refuses V1-interface processors.
@@ -58,6 +60,13 @@ _PROCESSORS: weakref.WeakValueDictionary[int, SnapKVRequestBudgets] = weakref.We
 
 def processor_for(vllm_config) -> SnapKVRequestBudgets | None:
     return _PROCESSORS.get(id(vllm_config))
+
+
+def processor_named(logits_processors) -> bool:
+    """Whether a deployment's `--logits-processors` (vLLM's `ModelConfig.logits_processors`:
+    qualified names or classes) include `SnapKVRequestBudgets`."""
+    names = {PROCESSOR, PROCESSOR.replace(":", ".")}
+    return any(p is SnapKVRequestBudgets or p in names for p in logits_processors or ())
 
 
 class SnapKVRequestBudgets(LogitsProcessor):

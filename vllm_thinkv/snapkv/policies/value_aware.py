@@ -33,5 +33,8 @@ class ValueAwarePolicy(SnapKVPolicy):
         values = prompt.values[:n]
         norms = values.to(real_dtype(values)).abs().sum(dim=-1).T.to(attention.dtype)  # [Hkv, N]
         scores = (attention + self.epsilon) * norms
-        first = torch.sort(attention, dim=-1, descending=True, stable=True).indices[:, : int(self.first_stage * budget)]
-        return scores.scatter_(1, first, float("inf"))
+        # The first stage's share is of what the sinks leave (`Policy.select` keeps them anyway).
+        sinks = min(self.sinks, budget)
+        rest = attention[:, sinks:]
+        first = torch.sort(rest, dim=-1, descending=True, stable=True).indices[:, : int(self.first_stage * (budget - sinks))]
+        return scores.scatter_(1, first + sinks, float("inf"))
