@@ -3,7 +3,6 @@ with the backend's own message (never a crash mid-request, never a silent fallba
 
 import json
 import os
-import shutil
 
 import pytest
 
@@ -19,15 +18,6 @@ def expect_startup_failure(model, message: str, **engine) -> None:
     with pytest.raises(EngineFailed) as err:
         run_engine(spec, timeout=300)
     assert message in err.value.log
-
-
-def test_sliding_window_rejected(tiny_llama_dir, tmp_path):
-    model = shutil.copytree(tiny_llama_dir, tmp_path / "swa")
-    config = json.loads((model / "config.json").read_text())
-    config.update(sliding_window=64, layer_types=["sliding_attention"] * config["num_hidden_layers"])
-    (model / "config.json").write_text(json.dumps(config))
-    # Refused at backend selection, in the words of vLLM's selector (before any layer is built).
-    expect_startup_failure(model, "sliding window not supported: thinkv backend does not support sliding-window attention")
 
 
 def test_unsupported_value_head_size_rejected(tmp_path):
