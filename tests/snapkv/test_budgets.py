@@ -156,3 +156,10 @@ def test_manager_reads_request_budgets_only_where_the_worker_does(per_request):
 def test_per_request_is_not_a_user_setting():
     with pytest.raises(ThinKVError, match=r"unknown keys \['per_request'\]"):
         SnapKVConfig.from_dict({"budget": 64, "per_request": True})
+
+
+def test_settings_round_trip_without_the_deployment_flag():
+    """to_dict gives the `thinkv_snapkv` settings (as tests and benchmarks pass them to vLLM)."""
+    config = SnapKVConfig(budget=64, window=16, sinks=2, per_request=True)
+    assert "per_request" not in config.to_dict()
+    assert SnapKVConfig.from_dict(config.to_dict()) == SnapKVConfig(budget=64, window=16, sinks=2)

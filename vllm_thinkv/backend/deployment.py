@@ -74,8 +74,9 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
             # disagree about when the prompt was compacted.
             raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         snapkv_config = replace(snapkv_config, per_request=processor_named(model_config.logits_processors))
-        logger.info_once("thinkv SnapKV: %s; prefix caching is off for this KV cache "
-                         "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()))
+        logger.info_once("thinkv SnapKV: %s%s; prefix caching is off for this KV cache "
+                         "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()),
+                         ", per-request budgets" if snapkv_config.per_request else "")
     return backend_for(snapkv_config)
 
 

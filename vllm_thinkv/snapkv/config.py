@@ -90,7 +90,8 @@ class SnapKVConfig:
         return None if d is None else cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The `thinkv_snapkv` settings (what `from_dict` reads back)."""
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "per_request"}
 
     def budget_for(self, prompt_len: int) -> int:
         """Tokens kept per KV head outside the window, for a prompt of this length."""
