@@ -19,7 +19,6 @@ Stock models with `--attention-backend thinkv` reach both through
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from vllm.logger import init_logger
@@ -30,7 +29,7 @@ from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import SUPPORTED_KV_CACHE_DTYPES, check_sliding_window
 from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.config import check_tensor_parallel as check_snapkv_parallel
-from vllm_thinkv.snapkv.requests import processor_named
+from vllm_thinkv.snapkv.requests import deployment_settings
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -55,7 +54,7 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
         check_sliding_window(sliding_window)
     except ThinKVError as e:
         raise ThinKVError(f"thinkv backend: the model's {e}") from None
-    snapkv_config = SnapKVConfig.from_hf_config(hf_config)
+    snapkv_config = deployment_settings(vllm_config)
     if snapkv_config is not None:
         if sliding_window is not None:
             # A sliding layer's blocks are freed by vLLM's window manager, not compacted; SnapKV would
@@ -73,7 +72,6 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
             # (is_prefilling), which the block manager cannot see: the two would
             # disagree about when the prompt was compacted.
             raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
-        snapkv_config = replace(snapkv_config, per_request=processor_named(model_config.logits_processors))
         logger.info_once("thinkv SnapKV: %s%s; prefix caching is off for this KV cache "
                          "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()),
                          ", per-request budgets" if snapkv_config.per_request else "")

@@ -17,9 +17,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import check_block_size
-from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.kv_cache import SnapKVSpec
-from vllm_thinkv.snapkv.requests import processor_for
+from vllm_thinkv.snapkv.requests import deployment_settings, processor_for
 from vllm_thinkv.snapkv.tracker import SnapKVStep, SnapKVTracker
 
 
@@ -49,7 +48,7 @@ class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
         # The block size vLLM really allocates (the selector sees only a user-given one).
         check_block_size(kv_cache_spec.block_size)
         snapkv_config = kv_cache_spec.snapkv_config if isinstance(kv_cache_spec, SnapKVSpec) else None
-        wanted = SnapKVConfig.from_hf_config(vllm_config.model_config.hf_config)
+        wanted = deployment_settings(vllm_config)
         if snapkv_config != wanted:
             # vLLM caches its selector's answer per process (keyed by head size, dtypes, ...), so a
             # second engine in the same process reuses the first one's backend class unchecked.

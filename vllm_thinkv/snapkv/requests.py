@@ -28,6 +28,7 @@ what needs no deployment (types, signs, ranges); a budget above the deployment's
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 from vllm.exceptions import VLLMValidationError
@@ -60,6 +61,14 @@ _PROCESSORS: weakref.WeakValueDictionary[int, SnapKVRequestBudgets] = weakref.We
 
 def processor_for(vllm_config) -> SnapKVRequestBudgets | None:
     return _PROCESSORS.get(id(vllm_config))
+
+
+def deployment_settings(vllm_config) -> SnapKVConfig | None:
+    """A deployment's SnapKV settings: its `thinkv_snapkv` section, with `per_request` set when it
+    names the processor (the deployment check and the metadata builder both read this)."""
+    model_config = vllm_config.model_config
+    config = SnapKVConfig.from_hf_config(model_config.hf_config)
+    return None if config is None else replace(config, per_request=processor_named(model_config.logits_processors))
 
 
 def processor_named(logits_processors) -> bool:
