@@ -11,7 +11,6 @@ sliding window (`vllm_thinkv.models.attention`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -24,7 +23,7 @@ from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausa
 from vllm.model_executor.models.utils import make_empty_intermediate_tensors_factory, make_layers, maybe_prefix
 
 from vllm_thinkv.models.attention import ThinKVAttention
-from vllm_thinkv.models.llama_family import checked_weights, prepare_thin
+from vllm_thinkv.models.llama_family import ThinWeights, prepare_thin
 
 
 class ThinKVGemma3DecoderLayer(Gemma3DecoderLayer):
@@ -72,7 +71,7 @@ class ThinKVGemma3Model(Gemma3Model):
         )
 
 
-class ThinKVGemma3ForCausalLM(Gemma3ForCausalLM):
+class ThinKVGemma3ForCausalLM(ThinWeights, Gemma3ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         thin, backend, thin_tensors = prepare_thin(vllm_config)
         config = vllm_config.model_config.hf_config
@@ -89,8 +88,3 @@ class ThinKVGemma3ForCausalLM(Gemma3ForCausalLM):
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self.thin = thin
         self._load_time_tensors = thin_tensors
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights = checked_weights(self.thin, self.config, weights, self._load_time_tensors)
-        self._load_time_tensors = None
-        return super().load_weights(weights)

@@ -103,18 +103,27 @@ def prepare_thin(vllm_config) -> tuple[ThinKVConfig, type, dict | None]:
     return thin, backend, thin_tensors
 
 
-class ThinKVForCausalLM(LlamaForCausalLM):
+class ThinWeights:
+    """Mixin for a thin model class (before the vLLM model class it extends): its weights are checked
+    against the thin section (or replaced by the load-time compression's tensors) before the base
+    class loads them. The constructor sets `thin` and `_load_time_tensors` (`prepare_thin`)."""
+
+    thin: ThinKVConfig
+    _load_time_tensors: dict[str, torch.Tensor] | None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        weights = checked_weights(self.thin, self.config, weights, self._load_time_tensors)
+        self._load_time_tensors = None
+        return super().load_weights(weights)
+
+
+class ThinKVForCausalLM(ThinWeights, LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         thin, backend, thin_tensors = prepare_thin(vllm_config)
         layer_type = partial(LlamaDecoderLayer, attn_layer_type=partial(ThinKVAttention, thin=thin, backend=backend))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.thin = thin
         self._load_time_tensors = thin_tensors
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights = checked_weights(self.thin, self.config, weights, self._load_time_tensors)
-        self._load_time_tensors = None
-        return super().load_weights(weights)
 
 
 def checked_weights(thin: ThinKVConfig, hf_config, weights, replacements):
