@@ -186,9 +186,9 @@ def graph_replay(device: torch.device) -> list[dict]:
     for q_len in (1, 3):  # decode, 2 speculative tokens
         num_seqs, num_rows, block_size = 5, 5 * q_len + 3, 16
         batches = [
-            random_paged_batch([q_len] * 4 + [0], [300, 45, q_len, 400, 0], num_heads=8, num_kv_heads=2, r=32,
+            random_paged_batch([q_len] * 4 + [0], [150, 45, q_len, 260, 0], num_heads=8, num_kv_heads=2, r=32,
                                d=128, block_size=block_size, dtype=torch.bfloat16, device=device, seed=1),
-            random_paged_batch([q_len] * 2 + [0] * 3, [500, 17, 0, 0, 0], num_heads=8, num_kv_heads=2, r=32,
+            random_paged_batch([q_len] * 2 + [0] * 3, [300, 17, 0, 0, 0], num_heads=8, num_kv_heads=2, r=32,
                                d=128, block_size=block_size, dtype=torch.bfloat16, device=device, seed=2),
         ]
         buffers = StepBuffers(num_seqs, num_rows, num_blocks=64, width=2048 // block_size, num_heads=8,
