@@ -1,6 +1,7 @@
 """Benchmark the thin-key paged-attention kernels; writes JSON + markdown + PNG.
 
-On a CUDA device it (a) checks correctness in bf16 against the float64 reference,
+On a CUDA device it (a) checks correctness in bf16 against the float64 reference (and that a
+CUDA graph captured on one batch and replayed on another equals the eager call, padding untouched),
 (b) measures device-to-device copy bandwidth as the roof, (c) times decode (batch 1..256,
 context 1k..32k, 32 query / 8 KV heads, d = 128, r in {16, 32, 64, 128}) and prefill,
 reporting microseconds, GB/s of KV actually read, fraction of the roof, the speedup of
@@ -46,7 +47,7 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from vllm_thinkv.kernels import paged_attention, paged_attention_torch, reference  # noqa: E402
-from vllm_thinkv.kernels.testing import PagedBatch, packed_kv_cache, random_paged_batch  # noqa: E402
+from vllm_thinkv.kernels.testing import PagedBatch, StepBuffers, packed_kv_cache, random_paged_batch  # noqa: E402
 from vllm_thinkv.results import markdown_table, write_json  # noqa: E402
 from vllm_thinkv.results import environment as stamp  # noqa: E402
 
@@ -171,6 +172,58 @@ def correctness(device: torch.device) -> list[dict]:
         err = float((out.double().cpu() - ref).norm() / ref.norm())
         rows.append({"case": name, "dtype": "bf16", "rel_error": err, "tolerance": BF16_TOLERANCE,
                      "ok": bool(err <= BF16_TOLERANCE and not out.isnan().any())})
+    return rows
+
+
+def graph_replay(device: torch.device) -> list[dict]:
+    """Full CUDA graphs (the backend's UNIFORM_BATCH support): paged_attention captured over fixed
+    buffers holding batch A (5 requests, one of them padding; split-KV planned at a 2048-token
+    "max_model_len") and replayed after the buffers are refilled with A, then with batch B (2 real
+    requests, other lengths and tables), in bf16: each replay must equal the eager call on that
+    batch and the float64 reference, and leave the padding rows of out untouched. On CPU (dry run)
+    the call runs again in the interpreter instead of a replay."""
+    rows = []
+    for q_len in (1, 3):  # decode, 2 speculative tokens
+        num_seqs, num_rows, block_size = 5, 5 * q_len + 3, 16
+        batches = [
+            random_paged_batch([q_len] * 4 + [0], [150, 45, q_len, 260, 0], num_heads=8, num_kv_heads=2, r=32,
+                               d=128, block_size=block_size, dtype=torch.bfloat16, device=device, seed=1),
+            random_paged_batch([q_len] * 2 + [0] * 3, [300, 17, 0, 0, 0], num_heads=8, num_kv_heads=2, r=32,
+                               d=128, block_size=block_size, dtype=torch.bfloat16, device=device, seed=2),
+        ]
+        buffers = StepBuffers(num_seqs, num_rows, num_blocks=64, width=2048 // block_size, num_heads=8,
+                              num_kv_heads=2, r=32, d=128, block_size=block_size, dtype=torch.bfloat16,
+                              device=device)
+        out = torch.empty(num_rows, 8, 128, dtype=torch.bfloat16, device=device)
+        call = buffers.load(batches[0])
+
+        def launch() -> None:
+            paged_attention(*call.args(), out=out, max_seqlen_q=q_len, max_seqlen_k=2048)
+
+        replay = launch
+        if device.type == "cuda":
+            launch()  # compiles outside the capture, as vLLM's warm-up runs do
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                launch()
+            replay = graph.replay
+        for name, batch in zip("AB", batches):
+            buffers.load(batch)
+            num_real = batch.q.shape[0]
+            out.fill_(float("nan"))
+            out[num_real:] = 7.0
+            replay()
+            eager = paged_attention(*batch.args(), max_seqlen_q=q_len, max_seqlen_k=batch.max_seqlen_k)
+            ref = reference.paged_attention(*batch.args())
+            got = out[:num_real].double().cpu()
+            vs_eager = float((got - eager.double().cpu()).norm() / ref.norm())
+            err = float((got - ref).norm() / ref.norm())
+            untouched = bool((out[num_real:] == 7.0).all())
+            rows.append({"case": f"graph replay q_len {q_len} batch {name}", "dtype": "bf16", "rel_error": err,
+                         "vs_eager": vs_eager, "padding_untouched": untouched, "tolerance": BF16_TOLERANCE,
+                         "ok": bool(err <= BF16_TOLERANCE and vs_eager <= BF16_TOLERANCE and untouched
+                                    and not got.isnan().any())})
     return rows
 
 
@@ -464,7 +517,7 @@ def run(device: torch.device, dry_run: bool) -> tuple[dict, bool]:
     if device.type == "cuda" or dry_run:
         sizes = GPU_DRY if dry_run else GPU_FULL
         log("correctness (bf16):")
-        result["correctness"] = correctness(device)
+        result["correctness"] = correctness(device) + graph_replay(device)
         for c in result["correctness"]:
             log(f"  {c['case']:<28} rel error {c['rel_error']:.2e} {'ok' if c['ok'] else 'FAILED'}")
         ok = all(c["ok"] for c in result["correctness"])

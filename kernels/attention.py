@@ -12,6 +12,10 @@ Launch plan (no device sync when the caller passes max_seqlen_q and max_seqlen_k
   `num_splits` forces more.
 - Tiles are sized by the query/key width qk = key_share * r (`launch.tile_config`);
   key_share is the kernel's KEY_SHARE constexpr, so each share-group size compiles once.
+- Padding: q/out rows from cu_seqlens_q[-1] on, and requests with no query tokens (vLLM
+  pads a batch to a captured CUDA-graph size that way), are neither read nor written.
+- The plan depends only on shapes, on max_seqlen_q > DECODE_MAX_Q and on
+  `launch.context_bucket(max_seqlen_k)` (CUDA graphs: see `launch`).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     [num_blocks, block_size, Hkv, d] (any strides, e.g. views of one packed buffer);
     block_table [num_seqs, max_blocks] int32; cu_seqlens_q [num_seqs + 1] int32;
     seq_lens [num_seqs] int32, the context length including this step's tokens. The
-    query tokens of sequence i are its last q_len_i positions.
+    query tokens of sequence i are its last q_len_i positions. Rows of q from cu_seqlens_q[-1]
+    on are padding: never read, and those rows of out are never written.
     gaps: optional [num_seqs, 2] int32 token ranges [start, end) to skip (start == end:
     none); they must lie in the cached context (end <= seq_len - q_len), and their
     cache slots are never read.

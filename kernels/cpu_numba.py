@@ -175,10 +175,12 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
     bits, mode = _MODES[call.q.dtype]
     k_src, k_strides = _raw(call.key_cache, bits)
     v_src, v_strides = _raw(call.value_cache, bits)
-    q = call.q.float().contiguous().numpy()
+    # Rows from cu_seqlens_q[-1] on are padding (vLLM pads batches to CUDA-graph sizes): never read or written.
+    num_real = int(call.cu_seqlens_q[-1])
+    q = call.q[:num_real].float().contiguous().numpy()
     direct = out.dtype == torch.float32 and out.is_contiguous()
-    out32 = out if direct else torch.empty(out.shape, dtype=torch.float32)
-    split_shape = (num_splits, shape.num_tokens, shape.num_heads) if num_splits > 1 else (1, 1, 1)
+    out32 = out[:num_real] if direct else torch.empty((num_real, *out.shape[1:]), dtype=torch.float32)
+    split_shape = (num_splits, num_real, shape.num_heads) if num_splits > 1 else (1, 1, 1)
     part_acc = np.empty((*split_shape, shape.d if num_splits > 1 else 1), np.float32)
     part_m = np.empty(split_shape, np.float32)
     part_l = np.empty(split_shape, np.float32)
@@ -200,7 +202,7 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
         raise ThinKVError(f"block_table holds a block id outside [0, {call.key_cache.shape[0]}) for a position "
                           "a query reads")
     if not direct:
-        out.copy_(out32)
+        out[:num_real].copy_(out32)
     return out
 
 

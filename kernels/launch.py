@@ -24,6 +24,12 @@ Split-KV (decode-only batches): splits = next_pow2(ceil(PROGRAMS_PER_SM * SMs /
 (seqs * kv_heads))), capped by context length (>= MIN_SPLIT_TOKENS keys per split) and
 MAX_SPLITS; 1 when the batch alone fills the device. Powers of two keep the number of
 compiled variants small and CUDA-graph captures stable.
+
+CUDA graphs: a plan (grids, constexprs, scalar arguments) is a pure function of the call's
+shapes (rows, requests, heads, dims), whether max_seqlen_q exceeds DECODE_MAX_Q, and
+`context_bucket(max_seqlen_k)`; it reads no device value and no other per-step host value,
+so a graph captured for a batch shape replays any batch of that shape
+(tests/kernels/test_padding.py).
 """
 
 from __future__ import annotations
@@ -141,6 +147,14 @@ def tile_config(phase: str, qk: int, d: int, group: int, dtype: torch.dtype, fac
     return _fit_smem(cfg, max(16, group_rows), qk_pad, d_pad, torch.finfo(dtype).bits // 8, facts.smem_bytes)
 
 
+def context_bucket(max_seqlen_k: int) -> int:
+    """All a launch plan depends on of the batch's longest context: the largest power of two <=
+    max(1, max_seqlen_k // MIN_SPLIT_TOKENS), the most splits that give each >= MIN_SPLIT_TOKENS keys.
+    A CUDA graph captured at max_model_len keeps that bucket's plan for every replay."""
+    by_length = max(1, max_seqlen_k // MIN_SPLIT_TOKENS)
+    return 1 << (by_length.bit_length() - 1)
+
+
 def decode_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, facts: DeviceFacts) -> int:
     """Split-KV factor for a decode-only batch (see the module docstring)."""
     if facts.kind == "interpreter":
@@ -150,6 +164,4 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, facts: De
     if programs >= target:
         return 1
     wanted = triton.next_power_of_2(-(-target // programs))
-    by_length = max(1, max_seqlen_k // MIN_SPLIT_TOKENS)
-    by_length = 1 << (by_length.bit_length() - 1)  # round down to a power of two
-    return max(1, min(wanted, by_length, MAX_SPLITS))
+    return max(1, min(wanted, context_bucket(max_seqlen_k), MAX_SPLITS))

@@ -3,6 +3,8 @@
 Each split wrote its normalised output o_s and lse_s = log2 Σ exp2(scores) over its
 slice of keys (-inf when the slice held no visible key). The exact result is
 Σ_s w_s o_s / Σ_s w_s with w_s = exp2(lse_s - max lse).
+The grid covers every row of `out`; rows past cu_seqlens_q[num_seqs] are padding (vLLM pads a
+batch to a captured CUDA-graph size) and are left untouched.
 """
 
 import triton
@@ -28,6 +30,8 @@ def merge_splits_kernel(
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
+    if token >= tl.load(cu_seqlens_q_ptr + num_seqs):  # a padding row: no sequence owns it
+        return
     seq = find_sequence(cu_seqlens_q_ptr, token, num_seqs, 1, False)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - tl.load(cu_seqlens_q_ptr + seq)
     if q_len > DECODE_MAX_Q:

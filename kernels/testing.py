@@ -10,7 +10,7 @@ and their whole blocks are the null block (vLLM frees blocks that slid out of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -139,3 +139,36 @@ def random_paged_batch(
         max_seqlen_k=max(seq_lens, default=0),
         packed=packed,
     )
+
+
+class StepBuffers:
+    """vLLM's persistent inputs for one captured batch shape (what a CUDA graph's launches point at):
+    q rows, a packed KV cache, block table, query starts and seq_lens of fixed sizes, refilled in place
+    with each step's batch by `load`. Rows and cache blocks the batch does not use hold NaN, unused
+    block-table entries random block ids, so a replay that reads them fails its comparison."""
+
+    def __init__(self, num_seqs: int, num_rows: int, num_blocks: int, width: int, *, num_heads: int,
+                 num_kv_heads: int, r: int, d: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", key_share: int = 1):
+        self.r = r
+        self.q = torch.empty(num_rows, num_heads, key_share * r, dtype=dtype, device=device)
+        self.packed = torch.empty(num_blocks, block_size, num_kv_heads, r + d, dtype=dtype, device=device)
+        self.block_table = torch.empty(num_seqs, width, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.empty(num_seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.empty(num_seqs, dtype=torch.int32, device=device)
+
+    def load(self, batch: PagedBatch) -> PagedBatch:
+        """Copy `batch` (same number of sequences, NHD layout; requests vLLM pads in have q_len =
+        seq_len = 0) into the buffers; returns it as a call over them."""
+        n, blocks, width = batch.q.shape[0], batch.packed.shape[0], batch.block_table.shape[1]
+        self.q.fill_(float("nan"))
+        self.q[:n] = batch.q
+        self.packed.fill_(float("nan"))
+        self.packed[:blocks] = batch.packed
+        self.block_table.random_(0, self.packed.shape[0])
+        self.block_table[:, :width] = batch.block_table
+        self.cu_seqlens_q.copy_(batch.cu_seqlens_q)
+        self.seq_lens.copy_(batch.seq_lens)
+        return replace(batch, q=self.q, key_cache=self.packed[..., : self.r], value_cache=self.packed[..., self.r :],
+                       block_table=self.block_table, cu_seqlens_q=self.cu_seqlens_q, seq_lens=self.seq_lens,
+                       packed=self.packed)

@@ -25,6 +25,8 @@ def test_benchmark_dry_run_writes_results(tmp_path, capsys, load_benchmark):
     assert result["dry_run"] is True
     assert {"date", "torch", "triton", "device"} <= set(result["environment"])
     assert result["correctness"] and all(c["ok"] for c in result["correctness"])
+    # capture (a replay on a GPU) on one batch, then another: equal to eager, padding untouched
+    assert sum(c["case"].startswith("graph replay") and c["padding_untouched"] for c in result["correctness"]) == 4
     assert result["roof"]["gb_per_s"] > 0
     ranks = {row["r"] for row in result["decode"]}
     assert ranks == set(module.GPU_DRY.ranks) and all(row["us"] > 0 for row in result["decode"])

@@ -37,6 +37,7 @@ PROBES = {
     "attention_impls": "tests.vllm.probes:attention_classes",
     "snapkv_selections": "tests.vllm.probes:snapkv_selections",
     "attention_ops": "tests.vllm.probes:attention_ops",
+    "compilation": "tests.vllm.probes:compilation",
 }
 # What a spec leaves out: 32 tokens with top-2 log-probs (generate), 16 tokens (step, trace).
 DEFAULTS = {"generate": {"max_tokens": 32, "logprobs": 2}, "step": {"max_tokens": 16}, "trace": {"max_tokens": 16}}

@@ -28,3 +28,10 @@ def snapkv_selections(model) -> list[list[tuple[int, list[list[int]]]]]:
         for m in model.modules()
         if isinstance(m, Attention)
     ]
+
+
+def compilation(model) -> list[tuple[str, bool]]:
+    """(class, compiled) of each module vLLM compiles (`support_torch_compile`): True once the
+    engine has run its torch.compile'd forward, False for an eager (`enforce_eager`) model."""
+    return sorted({(type(m).__qualname__, bool(m.compiled) and not m.do_not_compile)
+                   for m in model.modules() if hasattr(m, "do_not_compile") and hasattr(m, "compiled")})

@@ -89,15 +89,22 @@ def test_deployment_refusals(tiny_llama_dir, monkeypatch):
     else:
         with pytest.raises(ThinKVError, match="does not support a bfloat16 KV cache for a torch.float32 model"):
             check_deployment(config)
+    # vLLM's V2 model runner (the CUDA default): SnapKV runs, its manager told the runner's prefill rule
+    # (tests/snapkv/test_manager.py); per-request budgets need the V1 runner's logits-processor interface.
+    from vllm_thinkv.snapkv.requests import SnapKVRequestBudgets
+
     config = vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
-    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))  # the CUDA default
-    with pytest.raises(ThinKVError, match="set VLLM_USE_V2_MODEL_RUNNER=0"):
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    assert check_deployment(config).snapkv_config == SnapKVConfig(**SNAPKV, resumed_prefill=True)
+    config.model_config.logits_processors = [SnapKVRequestBudgets]
+    with pytest.raises(ThinKVError, match="per-request budgets .* need vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0"):
         check_deployment(config)
 
 
 @pytest.fixture
 def v1_model_runner(monkeypatch):
-    """SnapKV needs the V1 model runner, vLLM 0.33's CUDA default is V2 (see test_deployment_refusals)."""
+    """The V1 model runner (vLLM 0.33's CUDA default is V2, where SnapKV's settings say so: see
+    test_deployment_refusals), so the expected settings below are the V1 ones."""
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
@@ -141,6 +148,21 @@ def test_metadata_builder_checks_what_vllm_allocated(tiny_llama_dir, v1_model_ru
     for kv_spec, config in [(spec(32), snap), (snap_spec, plain)]:
         with pytest.raises(ThinKVError, match="run engines with different SnapKV settings in separate processes"):
             ThinKVMetadataBuilder(kv_spec, ["layer"], config, cpu)
+
+
+def test_full_cuda_graphs_for_uniform_batches_not_with_snapkv(tiny_llama_dir, v1_model_runner):
+    """The builder's CUDA-graph support: UNIFORM_BATCH (pure decode and uniform speculative batches
+    replay whole graphs; tests/kernels/test_padding.py), NEVER with SnapKV (its compaction runs in
+    a decode step's forward). tests/vllm033 checks vLLM 0.33's resolution of its default mode."""
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_thinkv.backend.metadata import ThinKVMetadataBuilder
+
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, head_size_v=64, dtype=torch.float32)
+    plain, snap = vllm_config(tiny_llama_dir), vllm_config(tiny_llama_dir, hf_overrides={"thinkv_snapkv": SNAPKV})
+    support = ThinKVMetadataBuilder.get_cudagraph_support
+    assert support(plain, spec) is AttentionCGSupport.UNIFORM_BATCH
+    assert support(snap, SnapKVSpec.from_spec(spec, SnapKVConfig(**SNAPKV))) is AttentionCGSupport.NEVER
 
 
 def test_a_shared_key_latent_with_snapkv_is_refused(tiny_llama_dir, v1_model_runner):

@@ -156,16 +156,18 @@ def test_stock_model_with_attention_backend_thinkv(tiny_llama_dir, distributed):
     assert spec.page_size_bytes == 16 * 2 * (64 + 64) * 2  # block x KV heads x (k + v) x bf16
 
 
-def test_snapkv_on_cuda_needs_the_v1_model_runner(tiny_llama_dir, distributed, monkeypatch):
-    """vLLM 0.33 runs the V2 model runner by default on CUDA, which SnapKV refuses (see
-    `deployment.check_deployment`); with VLLM_USE_V2_MODEL_RUNNER=0 its settings reach the
-    KV-cache spec, which vLLM's registry hands to SnapKVManager."""
+def test_snapkv_on_cuda_with_either_model_runner(tiny_llama_dir, distributed, monkeypatch):
+    """vLLM 0.33 runs the V2 model runner by default on CUDA: SnapKV's settings carry
+    `resumed_prefill` (its manager places the compaction step after a re-admitted request's
+    tokens, as V2's `is_prefilling` does); with VLLM_USE_V2_MODEL_RUNNER=0 they do not. Either
+    way they reach the KV-cache spec, which vLLM's registry hands to SnapKVManager."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     config = vllm_config(tiny_llama_dir, backend="thinkv", snapkv=SNAPKV)
     assert config.use_v2_model_runner
-    with pytest.raises(ThinKVError, match="thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0"):
-        build(config)
+    spec = kv_cache_spec(attention_layers(build(config))[0], config)
+    assert isinstance(spec, SnapKVSpec) and spec.snapkv_config == SnapKVConfig(**SNAPKV, resumed_prefill=True)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is SnapKVManager
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     config = vllm_config(tiny_llama_dir, backend="thinkv", snapkv=SNAPKV)
     assert not config.use_v2_model_runner
@@ -177,6 +179,27 @@ def test_snapkv_on_cuda_needs_the_v1_model_runner(tiny_llama_dir, distributed, m
     assert isinstance(spec, SnapKVSpec) and spec.snapkv_config == SnapKVConfig(**SNAPKV)
     assert KVCacheSpecRegistry.get_manager_class(spec) is SnapKVManager
     assert spec.page_size_bytes == 16 * 2 * (64 + 64) * 2
+
+
+def test_vllm_keeps_its_full_and_piecewise_cuda_graphs(tiny_llama_dir, distributed):
+    """vLLM 0.33's CUDA default, FULL_AND_PIECEWISE, resolved against thinkv's builder as the model
+    runner does: it stays (pure-decode and uniform speculative batches replay whole graphs, mixed
+    ones piecewise); with SnapKV the builder answers NEVER and vLLM falls back to PIECEWISE."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    cases = [(None, 1, AttentionCGSupport.UNIFORM_BATCH, CUDAGraphMode.FULL_AND_PIECEWISE),
+             (None, 3, AttentionCGSupport.UNIFORM_BATCH, CUDAGraphMode.FULL_AND_PIECEWISE),
+             (SNAPKV, 1, AttentionCGSupport.NEVER, CUDAGraphMode.PIECEWISE)]
+    for snapkv, uniform_query_len, support, mode in cases:
+        config = vllm_config(tiny_llama_dir, backend="thinkv", snapkv=snapkv)
+        layer = attention_layers(build(config))[0]
+        got = layer.attn_backend.get_builder_cls().get_cudagraph_support(config, kv_cache_spec(layer, config))
+        assert got is support
+        assert config.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
+        resolved = config.compilation_config.resolve_cudagraph_mode_and_sizes(
+            got, layer.attn_backend.__name__, uniform_query_len, use_v2_model_runner=config.use_v2_model_runner)
+        assert resolved == mode, (snapkv, uniform_query_len)
 
 
 def test_stock_model_refused_by_the_cuda_selector(tiny_llama_dir, distributed):

@@ -67,11 +67,11 @@ def check_deployment(vllm_config) -> type[ThinKVBackend]:
         if vllm_config.speculative_config is not None:
             raise ThinKVError("thinkv SnapKV does not support speculative decoding")
         check_snapkv_parallel(model_config.get_total_num_kv_heads(), vllm_config.parallel_config.tensor_parallel_size)
-        if vllm_config.use_v2_model_runner:
-            # MRV2 re-admits a preempted request with its generated tokens as "prefill"
-            # (is_prefilling), which the block manager cannot see: the two would
-            # disagree about when the prompt was compacted.
-            raise ThinKVError("thinkv SnapKV needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
+        if vllm_config.use_v2_model_runner and snapkv_config.per_request:
+            # vLLM's V2 runner loads only V2-interface logits processors; SnapKVRequestBudgets is a V1 one.
+            raise ThinKVError("thinkv SnapKV per-request budgets (the SnapKVRequestBudgets logits processor) need "
+                              "vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0, or serve without "
+                              "--logits-processors for SnapKV")
         logger.info_once("thinkv SnapKV: %s%s; prefix caching is off for this KV cache "
                          "(compaction rewrites prompt blocks)", str(snapkv_config.to_dict()),
                          ", per-request budgets" if snapkv_config.per_request else "")

@@ -38,10 +38,26 @@ class ThinKVMetadata:
 
 
 class ThinKVMetadataBuilder(AttentionMetadataBuilder[ThinKVMetadata]):
-    # The kernels choose their grid from host-side maxima each step, so a
-    # captured CUDA graph would freeze one choice: attention runs eagerly
-    # between piecewise graphs instead.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Uniform batches (pure decode, or 1 + k speculative tokens per request) replay as whole CUDA
+    # graphs (vLLM's default FULL_AND_PIECEWISE). A captured launch is the plan of the capture's
+    # metadata, and that plan depends only on the batch's shape (rows, requests, whether the uniform
+    # query length takes the decode or the prefill launch) and on `max_seq_len`'s split bucket
+    # (`kernels.launch.context_bucket`), which both model runners set to max_model_len at capture:
+    # a replay runs the capture's split count, valid for any context up to max_model_len. Every
+    # tensor the launches read is vLLM's persistent buffer (query starts, seq_lens, block table),
+    # so a replay sees the step's values; requests vLLM pads in have no query tokens and rows past
+    # the last query start are neither read nor written (tests/kernels/test_padding.py). Mixed
+    # batches pick their launches from max_query_len, so they stay piecewise (attention eager).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        """NEVER with SnapKV: a request is compacted in its first decode step, inside the layer's
+        forward (host-planned), and the gap masking switches on per step (`gaps`, the kernels'
+        HAS_GAP): a replayed graph would do neither, so attention stays eager between piecewise graphs."""
+        if isinstance(kv_cache_spec, SnapKVSpec) or deployment_settings(vllm_config) is not None:
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

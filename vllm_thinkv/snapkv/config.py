@@ -26,6 +26,10 @@ POOLINGS = ("max", "avg")
 POLICIES = ("snapkv", "recent", "value_aware", "keydiff")
 
 
+# Fields the deployment sets (`snapkv.requests.deployment_settings`), not `thinkv_snapkv` keys.
+DEPLOYMENT_FIELDS = ("per_request", "resumed_prefill")
+
+
 @dataclass(frozen=True)
 class SnapKVConfig:
     budget: int | None = None
@@ -40,6 +44,10 @@ class SnapKVConfig:
     # names the per-request logits processor (`snapkv.requests`). Requests' own budgets are read by the
     # engine core's KV manager exactly when the worker, through that processor, reads them too.
     per_request: bool = False
+    # Not a `thinkv_snapkv` key either: set by the deployment check when vLLM's V2 model runner runs. It
+    # re-admits a preempted request with all its tokens so far as prefill (`is_prefilling` until they are
+    # recomputed), so the engine core's KV manager puts the compaction step after them, as the worker does.
+    resumed_prefill: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ThinKVError:
@@ -77,7 +85,7 @@ class SnapKVConfig:
     def from_dict(cls, d: dict[str, Any]) -> SnapKVConfig:
         if not isinstance(d, dict):
             raise ThinKVError(f"{HF_CONFIG_KEY} must be a JSON object, got {d!r}")
-        known = [name for name in cls.__dataclass_fields__ if name != "per_request"]
+        known = [name for name in cls.__dataclass_fields__ if name not in DEPLOYMENT_FIELDS]
         unknown = set(d) - set(known)
         if unknown:
             raise ThinKVError(f"{HF_CONFIG_KEY}: unknown keys {sorted(unknown)} (known: {', '.join(known)})")
@@ -91,7 +99,7 @@ class SnapKVConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The `thinkv_snapkv` settings (what `from_dict` reads back)."""
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "per_request"}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in DEPLOYMENT_FIELDS}
 
     def budget_for(self, prompt_len: int) -> int:
         """Tokens kept per KV head outside the window, for a prompt of this length."""

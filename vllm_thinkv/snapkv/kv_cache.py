@@ -6,9 +6,14 @@ request's blocks through `_remove_blocks_in_range` (they become the null block;
 the attention backend must never read them — ours skips the gap).
 
 The manager mirrors `tracker.SnapKVTracker`: a request's compaction step is its
-first scheduled step that starts at or after the prompt end (start C). The
-manager learns each step's start as the previous step's end (from
-`allocate_new_blocks`) and frees blocks [ceil(kept/bs), C // bs) once that
+first scheduled step that starts at or after the end of its prefill (start C), where
+the prefill ends where the model runner's `is_prefilling` (which the worker reads) says:
+V1 runner: at the prompt end (`num_computed_tokens < num_prompt_tokens`); V2 runner
+(`SnapKVConfig.resumed_prefill`): at the request's length when it was (re-)admitted (its
+`prefill_len`: the scheduler sends a preempted request back with all its tokens so far as
+prefill; a new request's is its prompt). The manager learns each step's start as the
+previous step's end (from `allocate_new_blocks`), the admitted length from the Request in
+`cache_blocks`, and frees blocks [ceil(kept/bs), C // bs) once that
 step has been processed, so the worker has already moved the kept tokens to
 [0, kept) before any freed block can be handed to another request.
 """
@@ -59,10 +64,11 @@ class SnapKVManager(FullAttentionManager):
         self._scheduled_end: dict[str, int] = {}  # end of the request's latest scheduled step
         self._compaction_start: dict[str, int] = {}  # C, once its compaction step is scheduled
         self._requests: dict[str, RequestBudget | None] = {}  # each request's own budget (`snapkv.requests`)
-        if self.snapkv_config.per_request:
-            # `cache_blocks` is the one manager call that carries the Request (hence its extra_args). The
-            # coordinator skips it when prefix caching is off; the spec is never prefix-cacheable, so the
-            # base method caches nothing either way.
+        self._prefill_end: dict[str, int] = {}  # V2 runner: the request's length at (re-)admission
+        if self.snapkv_config.per_request or self.snapkv_config.resumed_prefill:
+            # `cache_blocks` is the one manager call that carries the Request (hence its extra_args and
+            # length). The coordinator skips it when prefix caching is off; ours caches nothing (the spec
+            # is never prefix-cacheable).
             self.enable_caching = True
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
@@ -72,7 +78,8 @@ class SnapKVManager(FullAttentionManager):
             return
         # Called before the step is allocated: this step starts where the last one ended.
         start = self._scheduled_end.get(request_id, 0)
-        if request_id not in self._compaction_start and start >= num_prompt_tokens:
+        prefill_end = max(num_prompt_tokens, self._prefill_end.get(request_id, 0))
+        if request_id not in self._compaction_start and start >= prefill_end:
             self._compaction_start[request_id] = start
         compaction_start = self._compaction_start.get(request_id)
         if compaction_start is None or processed_computed_tokens <= compaction_start:
@@ -86,13 +93,18 @@ class SnapKVManager(FullAttentionManager):
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        if self.snapkv_config.resumed_prefill and request.request_id not in self._prefill_end:
+            # Called in the step that (re-)admits the request, where the V2 runner's prefill_len is
+            # taken from the same Request (`len(request._all_token_ids)`, vLLM's Scheduler.schedule).
+            self._prefill_end[request.request_id] = request.num_tokens
         # Only where the worker reads requests' budgets too (the processor validated them at admission).
         if self.snapkv_config.per_request and request.request_id not in self._requests:
             params = request.sampling_params
             budget = request_budget(params.extra_args if params is not None else None)
             warn_if_capped(self.snapkv_config, budget, request.request_id)
             self._requests[request.request_id] = budget
-        super().cache_blocks(request, num_tokens, *args, **kwargs)
+        # Nothing to cache: the spec is never prefix-cacheable (and FullAttentionManager's partial-tail
+        # caching, for hash blocks smaller than ours, does not check that).
 
     def pop_blocks_for_free(self, request_id: str):
         # Every way vLLM frees a request (finished, aborted, preempted; deferred frees
@@ -100,6 +112,7 @@ class SnapKVManager(FullAttentionManager):
         self._scheduled_end.pop(request_id, None)
         self._compaction_start.pop(request_id, None)
         self._requests.pop(request_id, None)
+        self._prefill_end.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 

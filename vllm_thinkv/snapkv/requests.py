@@ -65,10 +65,14 @@ def processor_for(vllm_config) -> SnapKVRequestBudgets | None:
 
 def deployment_settings(vllm_config) -> SnapKVConfig | None:
     """A deployment's SnapKV settings: its `thinkv_snapkv` section, with `per_request` set when it
-    names the processor (the deployment check and the metadata builder both read this)."""
+    names the processor and `resumed_prefill` under vLLM's V2 model runner (the deployment check
+    and the metadata builder both read this)."""
     model_config = vllm_config.model_config
     config = SnapKVConfig.from_hf_config(model_config.hf_config)
-    return None if config is None else replace(config, per_request=processor_named(model_config.logits_processors))
+    if config is None:
+        return None
+    return replace(config, per_request=processor_named(model_config.logits_processors),
+                   resumed_prefill=bool(vllm_config.use_v2_model_runner))
 
 
 def processor_named(logits_processors) -> bool:

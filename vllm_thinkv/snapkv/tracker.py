@@ -10,6 +10,9 @@ prompt end; that row's start C is the compaction point: the request keeps
 (`kv_cache.SnapKVManager`) derives the same C from the same scheduling steps
 and frees the gap's whole blocks once that step has run. After preemption the
 request is prefilled again from position 0, which restarts its life here.
+"Prefill rows" are the model runner's `is_prefilling` ones: V1 counts only the prompt, the
+V2 runner all tokens a re-admitted request had (its prefill_len); the manager mirrors
+whichever runs (`SnapKVConfig.resumed_prefill`).
 """
 
 from __future__ import annotations
