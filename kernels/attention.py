@@ -40,7 +40,7 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
 
     Called as paged_attention(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale,
     out=None, *, gaps=None, key_share=1, sliding_window=None, max_seqlen_q=None, max_seqlen_k=None,
-    num_splits=None)
+    num_splits=None, log_counts=None)
     (`calls.attention_op`).
 
     q [T, H, key_share * r]; key_cache [num_blocks, block_size, Hkv, r] and value_cache
@@ -66,6 +66,9 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
     max_seqlen_q / max_seqlen_k: host-side upper bounds; when either is None they are
     computed and all metadata values are validated (one device sync).
     num_splits: force the decode split-KV factor (testing, tuning).
+    log_counts: optional [num_blocks, block_size, Hkv] float32 (any strides): slot p of KV head g stands
+    for count = exp(log_counts[slot, g]) merged tokens and gets softmax weight count·exp(s_p) / Σ count·exp(s)
+    in every query head of g (SnapKV `merge`); ln(count) is read only where the key is read.
     Returns `out` (or a new tensor) [T, H, d] in q's dtype.
     """
     shape = check_attention_call(call, out, triton_path=True, interpreting=launch.interpreting())
@@ -114,18 +117,21 @@ def plan_attention(
         part_out = part_lse = out  # a single-split launch never touches them
 
     has_gap = gaps is not None
+    counts = call.log_counts
     args = (
         out, part_out, part_lse, q, key_cache, value_cache, block_table, call.cu_seqlens_q, call.seq_lens,
         gaps if has_gap else call.seq_lens,  # any int32 pointer when unused
+        counts if counts is not None else out,  # any pointer when unused
         call.scale * LOG2E, shape.num_seqs, shape.num_heads, call.sliding_window or 0,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         *(gaps.stride() if has_gap else (0, 0)),
+        *(counts.stride() if counts is not None else (0, 0, 0)),
     )
     kv_aligned = all(s % 8 == 0 for s in key_cache.stride()[:3] + value_cache.stride()[:3])
     common = dict(
         GROUP=shape.group, R=shape.r, KEY_SHARE=shape.key_share, QK_PAD=qk_pad, D=shape.d, D_PAD=d_pad,
         BLOCK_SIZE=shape.block_size, DECODE_MAX_Q=decode_max_q, HAS_GAP=has_gap,
-        HAS_WINDOW=call.sliding_window is not None, KV_ALIGNED=kv_aligned,
+        HAS_WINDOW=call.sliding_window is not None, HAS_COUNTS=counts is not None, KV_ALIGNED=kv_aligned,
         UPCAST=launch.interpreting(),
     )
 

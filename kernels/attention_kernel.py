@@ -40,6 +40,11 @@ stay per KV head, so the grid is still per KV head (the S programs of a share gr
 load the same key bytes, mostly from L2). KEY_SHARE == 1 is resolved
 at trace time to exactly the per-head code, with no per-column index arithmetic.
 
+Counts (HAS_COUNTS): a slot may stand for several merged tokens (SnapKV's `merge` policy); the
+softmax weighs it by its count, count·exp(s), i.e. ln(count) (stored per slot and KV head in
+`counts_ptr`, float32) is added to the logit of every row. Loaded with the same mask as the keys;
+HAS_COUNTS=False removes the load and the add.
+
 Softmax uses exp2 with log2(e) folded into `qk_scale`. UPCAST (set when running in
 the Triton interpreter, whose bf16 arithmetic is wrong) casts loads to fp32; on a
 GPU the dots take the native 16-bit inputs for tensor cores.
@@ -93,6 +98,7 @@ def paged_attention_kernel(
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     gaps_ptr,  # [num_seqs, 2] int32 (unused unless HAS_GAP)
+    counts_ptr,  # [num_blocks, BLOCK_SIZE, num_kv_heads] float32 ln(count), any strides (unused unless HAS_COUNTS)
     qk_scale,  # softmax scale * log2(e)
     num_seqs,
     num_heads,
@@ -103,6 +109,7 @@ def paged_attention_kernel(
     stride_v_b, stride_v_s, stride_v_h, stride_v_c,
     stride_bt_s, stride_bt_b,
     stride_gap_s, stride_gap_e,
+    stride_c_b, stride_c_s, stride_c_h,
     GROUP: tl.constexpr,  # query heads per KV head
     R: tl.constexpr,  # key cache slot width
     KEY_SHARE: tl.constexpr,  # KV heads whose R-wide key slots form one key of KEY_SHARE * R dims
@@ -118,6 +125,7 @@ def paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_GAP: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
     KV_ALIGNED: tl.constexpr,  # cache block/slot/head strides are multiples of 8 elements
     UPCAST: tl.constexpr,
 ):
@@ -239,6 +247,10 @@ def paged_attention_kernel(
             v = v.to(tl.float32)
 
         s = _dot(q, k) * qk_scale
+        if HAS_COUNTS:
+            log_count = tl.load(counts_ptr + block * stride_c_b + in_block * stride_c_s + kv_head * stride_c_h,
+                                mask=col_ok, other=0.0)
+            s = s + log_count[None, :] * 1.4426950408889634  # ln -> log2 units
         visible = col_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)

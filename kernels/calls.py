@@ -32,6 +32,9 @@ class AttentionCall:
     sliding_window: int | None = None  # key p is visible to query t iff t - sliding_window < p <= t; None: p <= t
     max_seqlen_q: int | None = None  # host-side upper bounds; None: read from the metadata
     max_seqlen_k: int | None = None
+    # [num_blocks, block_size, Hkv] float32, any strides: ln(count) of each cache slot, added to the logit of
+    # every query head of that KV head (a slot standing for `count` merged tokens); None: every count is 1
+    log_counts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -84,9 +87,10 @@ def attention_op(impl: AttentionImpl) -> Callable[..., torch.Tensor]:
         max_seqlen_q: int | None = None,
         max_seqlen_k: int | None = None,
         num_splits: int | None = None,
+        log_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         call = AttentionCall(q, key_cache, value_cache, block_table, cu_seqlens_q, seq_lens, scale, gaps,
-                             key_share, sliding_window, max_seqlen_q, max_seqlen_k)
+                             key_share, sliding_window, max_seqlen_q, max_seqlen_k, log_counts)
         return impl(call, out, num_splits)
 
     return _named_like(op, impl)

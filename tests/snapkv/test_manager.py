@@ -109,3 +109,27 @@ def test_v2_runner_without_resumed_prefill_frees_too_early():
     with pytest.raises(AssertionError, match="freed before the worker compacted"):
         simulate(SnapKVConfig(budget=40, window=8), 100, [[64, 36] + decode, [64, 64, 22] + decode],
                  in_flight=False, admitted=[100, 150])
+
+
+def test_merge_pages_hold_a_count_per_slot_and_kv_head():
+    """With `merge` the page holds each (slot, KV head) row's r + d values and its float32 ln count (padded
+    to 16 bytes), so vLLM's page size and token capacity include the counts; the layer's view splits into
+    K, V and counts that share the page and do not overlap."""
+    from vllm_thinkv.snapkv.kv_cache import COUNT_BYTES, register_snapkv_spec, snapkv_spec, split_packed
+
+    register_snapkv_spec()
+    base = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=16, head_size_v=64, dtype=torch.bfloat16)
+    plain = snapkv_spec(base, SnapKVConfig(budget=64, window=8))
+    merged = snapkv_spec(base, SnapKVConfig(budget=64, window=8, policy="merge"))
+    assert plain.page_size_bytes == base.page_size_bytes == BS * 2 * (16 + 64) * 2
+    assert merged.page_size_bytes == BS * 2 * ((16 + 64) * 2 + COUNT_BYTES)
+    assert isinstance(merged, SnapKVSpec) and merged.snapkv_config.policy == "merge"
+    kv = torch.zeros(3, 2, BS, merged.state_content_size_bytes // 2, dtype=torch.bfloat16)  # vLLM's [B, H, N, C]
+    k, v, counts = split_packed(kv, 16, 64)
+    assert k.shape == (3, BS, 2, 16) and v.shape == (3, BS, 2, 64) and counts.shape == (3, BS, 2)
+    assert counts.dtype == torch.float32 and split_packed(kv[..., : 16 + 64], 16, 64)[2] is None
+    counts[1, 5, 1] = 2.5
+    assert k.abs().sum() == 0 and v.abs().sum() == 0 and kv[1, 1, 5].abs().sum() > 0
+    k.fill_(1.0)
+    v.fill_(-1.0)
+    assert counts[1, 5, 1] == 2.5 and counts.abs().sum() == 2.5

@@ -47,7 +47,7 @@ def reference_selection(window_q, keys, values, scale, config, budget):
         kept = list(range(sinks))
         if config.policy == "recent":
             kept += list(range(n - (budget - sinks), n))
-        elif config.policy == "snapkv":
+        elif config.policy in ("snapkv", "merge"):  # merge keeps SnapKV's tokens (and folds the rest in)
             kept += ranked(reference_scores(window_q, keys, scale, config)[h].tolist(), kept)[: budget - sinks]
         elif config.policy == "value_aware":
             # CriticalKV's two stages: half of what the sinks leave by attention, the rest by attention x |v|_1
@@ -94,13 +94,15 @@ def test_selection_matches_definition(policy, sinks, heads, kv_heads, r, d):
 
 
 def test_policies_differ_on_the_same_data():
-    """The scores matter: on the same random prompt the four policies keep different sets."""
+    """The scores matter: on the same random prompt the four dropping policies keep different sets
+    (`merge` keeps SnapKV's, tests/snapkv/test_merge.py)."""
     torch.manual_seed(2)
     q, k, v = torch.randn(8, 4, 16), torch.randn(200, 2, 16), torch.randn(200, 2, 32) * torch.rand(200, 2, 1)
+    dropping = [p for p in POLICIES if not REGISTRY[p].merges]
     kept = {p: select_tokens(make_policy(SnapKVConfig(budget=40, window=8, policy=p)), q, k, v, 0.25, 40)
-            for p in POLICIES}
-    sets = [frozenset(map(tuple, kept[p].tolist())) for p in POLICIES]
-    assert len(set(sets)) == len(POLICIES)
+            for p in dropping}
+    sets = [frozenset(map(tuple, kept[p].tolist())) for p in dropping]
+    assert len(set(sets)) == len(dropping) == 4
 
 
 def test_query_agnostic_policies_ignore_the_queries():
@@ -111,7 +113,7 @@ def test_query_agnostic_policies_ignore_the_queries():
         assert not p.uses_queries
         without = select_tokens(p, None, k, v, 0.25, 16)
         assert torch.equal(without, select_tokens(p, torch.randn(4, 4, 16), k, v, 0.25, 16))
-    for policy in ("snapkv", "value_aware"):
+    for policy in ("snapkv", "value_aware", "merge"):
         assert make_policy(SnapKVConfig(budget=16, window=4, policy=policy)).uses_queries
 
 

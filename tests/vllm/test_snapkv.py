@@ -61,12 +61,12 @@ def test_selection_and_generation_match_transformers(mixed_run, smollm2):
     assert run["results"][-1]["num_cached_tokens"] == 0  # prefix caching is off with SnapKV
 
 
-@pytest.mark.parametrize("policy, sinks", [("value_aware", 4), ("keydiff", 2)])
+@pytest.mark.parametrize("policy, sinks", [("value_aware", 4), ("keydiff", 2), ("merge", 4)])
 def test_other_policies_match_transformers_and_free_blocks(smollm2_dir, smollm2, policy, sinks):
     """One engine per policy: a 600-token prompt prefilled in 128-token chunks next to a
     short one. The kept tokens (sinks first) and the generated tokens equal the HF
-    reference's; the request then holds the blocks of budget + window tokens and of the
-    positions it decodes at."""
+    reference's (`merge`: from the merged slots, their counts in the kernels); the request
+    then holds the blocks of budget + window tokens and of the positions it decodes at."""
     tok, model = smollm2
     settings = {**SNAPKV, "policy": policy, "sinks": sinks}
     prompts = prompts_from_text(tok, packaged_text(), [600, 40])
@@ -82,6 +82,8 @@ def test_other_policies_match_transformers_and_free_blocks(smollm2_dir, smollm2,
         assert_selection(selections[0][1], expected)
     tokens, _ = snapkv_generate(model, ids, config, max_new_tokens=24)
     assert trace["requests"][0]["token_ids"] == tokens
+    if policy == "merge":  # a sensitive comparison: SnapKV's tokens, unmerged, generate other tokens
+        assert snapkv_generate(model, ids, SnapKVConfig(**{**settings, "policy": "snapkv"}), 24)[0] != tokens
     held = [(r["computed"], r["blocks"]) for s in trace["steps"] for r in s["running"] if r["prompt"] == 600]
     assert (600, 38) in held  # the whole prompt until compaction
     compacted = [(c, b) for c, b in held if c >= 600 + 2]

@@ -3,7 +3,9 @@
 The per-layer cache vLLM hands us is the logical view
 `[num_blocks, num_kv_heads, block_size, r + d]` of one packed buffer (any
 physical layout); K is `[..., :r]`, V is `[..., r:]`. The ops take these as
-strided views, so nothing is copied.
+strided views, so nothing is copied. With a merging SnapKV policy each row also
+carries the slot's float32 ln(count) (`snapkv.kv_cache.split_packed`): new tokens
+get count 1, compaction writes the merged slots' counts, the kernels add them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from vllm_thinkv.backend.metadata import ThinKVMetadata
 from vllm_thinkv.backend.ops import select_ops
 from vllm_thinkv.backend.snapkv_layer import SnapKVLayer
 from vllm_thinkv.errors import ThinKVError
+from vllm_thinkv.kernels.calls import KVWrite
 from vllm_thinkv.kernels.checks import (
     SUPPORTED_KV_CACHE_DTYPES,
     check_key_share,
     check_qk_head_dim,
     check_sliding_window,
 )
+from vllm_thinkv.snapkv.kv_cache import split_packed
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log handlers print it
 
@@ -99,10 +103,9 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         # plan carries (the KV-cache spec's, through the metadata builder).
         self.snapkv_layer: SnapKVLayer | None = None
 
-    def _split_cache(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, Hkv, N, r + d] -> K [B, N, Hkv, r], V [B, N, Hkv, d] (views)."""
-        kv = kv_cache.transpose(1, 2)
-        return kv[..., : self.head_size], kv[..., self.head_size :]
+    def _split_cache(self, kv_cache: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """[B, Hkv, N, r + d (+ counts)] -> K [B, N, Hkv, r], V [B, N, Hkv, d], ln counts [B, N, Hkv] or None."""
+        return split_packed(kv_cache, self.head_size, d)
 
     def do_kv_cache_update(
         self,
@@ -113,8 +116,11 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         slot_mapping: torch.Tensor,
     ) -> None:
         n = slot_mapping.shape[0]
-        key_cache, value_cache = self._split_cache(kv_cache)
+        key_cache, value_cache, log_counts = self._split_cache(kv_cache, value.shape[-1])
         self.ops.write_kv(key[:n], value[:n], key_cache, value_cache, slot_mapping)
+        if log_counts is not None:  # a new token is itself: count 1 (the slot may hold a finished request's count)
+            _, blocks, offsets = KVWrite(key, value, key_cache, value_cache, slot_mapping).destinations()
+            log_counts[blocks, offsets] = 0.0
 
     def forward(
         self,
@@ -136,11 +142,11 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         if self.key_share > 1:  # vLLM viewed the S·r-wide query as S rows of r per token: view it back
             query = query.reshape(output.shape[0], self.num_heads, self.key_share * self.head_size)
         n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = self._split_cache(kv_cache)
+        key_cache, value_cache, log_counts = self._split_cache(kv_cache, output.shape[-1])
         if attn_metadata.snapkv_step is not None:
             if self.snapkv_layer is None:
                 self.snapkv_layer = SnapKVLayer(attn_metadata.snapkv_step.config, self.scale, self.ops)
-            self.snapkv_layer.before_attention(attn_metadata, query, (key_cache, value_cache))
+            self.snapkv_layer.before_attention(attn_metadata, query, (key_cache, value_cache, log_counts))
         self.ops.paged_attention(
             query[:n],
             key_cache,
@@ -155,6 +161,7 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             max_seqlen_k=attn_metadata.max_seq_len,
             key_share=self.key_share,
             sliding_window=self.sliding_window,
+            log_counts=log_counts,
         )
         return output
 

@@ -12,6 +12,10 @@ Two protocols: question-aware (the whole prompt is prefilled and compacted, as i
 vLLM) and question-agnostic (`generate(..., question_ids=...)`: the document is
 compacted before the question is appended, as for a cache reused by several
 questions; kvpress's default).
+
+With a merging policy (`merge`) the compacted cache holds the policy's merged keys and values,
+and the model attends with each slot's log-count added to its logit (`counted_attention`:
+eager attention plus that bias, registered with transformers as `thinkv_counts`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 
 from vllm_thinkv.hf.capture import attention_modules
 from vllm_thinkv.snapkv.config import SnapKVConfig
-from vllm_thinkv.snapkv.policies import Policy, PromptKV, make_policy
+from vllm_thinkv.snapkv.policies import Policy, PromptKV, Selection, make_policy
+
+COUNTED_ATTENTION = "thinkv_counts"  # the transformers attention implementation that adds slot log-counts
 
 
 @dataclass
@@ -75,8 +81,8 @@ def prefill_prefixes(model: torch.nn.Module, input_ids: torch.Tensor, window: in
             for j, e in enumerate(ends)]
 
 
-def select(prefilled: Prefilled, policy: Policy, budget: int) -> list[torch.Tensor]:
-    """Kept prompt-token indices per layer, each [Hkv, budget] (window excluded), on the CPU."""
+def selections(prefilled: Prefilled, policy: Policy, budget: int) -> list[Selection]:
+    """The policy's selection per layer (float64; with `merge`, the merged slots too), on the model's device."""
     if policy.window != prefilled.window:
         raise ValueError(f"prefilled with window {prefilled.window}, policy window {policy.window}")
     out = []
@@ -84,16 +90,47 @@ def select(prefilled: Prefilled, policy: Policy, budget: int) -> list[torch.Tens
         group = probs.shape[0] // keys.shape[1]
         prompt = PromptKV(keys[0].transpose(0, 1).double(), values[0].transpose(0, 1).double(),
                           lambda h, probs=probs: probs[h * group:(h + 1) * group])
-        out.append(policy.select(prompt, budget).indices.cpu())
+        out.append(policy.select(prompt, budget))
     return out
 
 
+def select(prefilled: Prefilled, policy: Policy, budget: int) -> list[torch.Tensor]:
+    """Kept prompt-token indices per layer, each [Hkv, budget] (window excluded), on the CPU."""
+    return [s.indices.cpu() for s in selections(prefilled, policy, budget)]
+
+
+def counted_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                      thinkv_log_counts: list[torch.Tensor] | None = None, **kwargs):
+    """transformers' eager attention with ln(count) of the first slots of each KV head added to their logits:
+    `thinkv_log_counts[layer]` [Hkv, n] for cache slots [0, n) (the compacted prompt); later slots count 1."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    counts = thinkv_log_counts[module.layer_idx]
+    num_kv_heads, n = counts.shape
+    bias = torch.zeros(num_kv_heads, key.shape[-2], dtype=torch.float32, device=key.device)
+    bias[:, :n] = counts
+    bias = bias.repeat_interleave(query.shape[1] // num_kv_heads, dim=0)[None, :, None, :]  # [1, H, 1, S]
+    mask = bias if attention_mask is None else attention_mask[..., : key.shape[-2]] + bias
+    return eager_attention_forward(module, query, key, value, mask, scaling, dropout, **kwargs)
+
+
+def _register_counted_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(COUNTED_ATTENTION, counted_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(COUNTED_ATTENTION, eager_mask)
+
+
 @torch.no_grad()
-def generate(model: torch.nn.Module, prefilled: Prefilled, selections: list[torch.Tensor] | None,
+def generate(model: torch.nn.Module, prefilled: Prefilled, selections: list[torch.Tensor | Selection] | None,
              max_new_tokens: int, question_ids: list[int] | None = None,
              stop: Collection[int] = ()) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy generation after `prefilled`, each layer's cache compacted to its selection (per
-    KV head, the selected tokens in position order, then the window; None: the full cache).
+    KV head, the selected tokens in position order, then the window; None: the full cache). A
+    `Selection` that merges puts its merged keys and values in the kept slots and their counts into
+    the attention (`counted_attention`).
 
     Without `question_ids` the first token comes from the full prefill (as in the SnapKV
     paper); with them, the question is run through the compacted cache first. New tokens
@@ -103,19 +140,36 @@ def generate(model: torch.nn.Module, prefilled: Prefilled, selections: list[torc
 
     cache = DynamicCache(config=model.config)
     prompt_len, w = prefilled.prompt_len, prefilled.window
+    log_counts: list[torch.Tensor] = []
     for i, (keys, values) in enumerate(prefilled.kv):
         if selections is not None:
-            selected = selections[i]
+            sel = selections[i]
+            selected = sel.indices if isinstance(sel, Selection) else sel
             window = torch.arange(prompt_len - w, prompt_len).expand(selected.shape[0], w)
-            keep = torch.cat([selected, window], dim=1).to(keys.device)[None, :, :, None]  # [1, Hkv, kept, 1]
+            keep = torch.cat([selected.cpu(), window], dim=1).to(keys.device)[None, :, :, None]  # [1, Hkv, kept, 1]
             keys = keys.gather(2, keep.expand(-1, -1, -1, keys.shape[-1]))
             values = values.gather(2, keep.expand(-1, -1, -1, values.shape[-1]))
+            if isinstance(sel, Selection) and sel.log_counts is not None:
+                budget = selected.shape[1]
+                keys[0, :, :budget] = sel.keys.to(keys)
+                values[0, :, :budget] = sel.values.to(values)
+                log_counts.append(sel.log_counts.float().to(keys.device))
         cache.update(keys, values, i)
+    counted = dict(thinkv_log_counts=log_counts) if log_counts else {}
+    if counted:
+        _register_counted_attention()
 
     def step(ids: list[int], start: int) -> torch.Tensor:
-        return model(input_ids=torch.tensor([ids], device=model.device),
-                     position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
-                     past_key_values=cache, use_cache=True).logits[0, -1]
+        config = model.config
+        previous = config._attn_implementation
+        if counted:
+            config._attn_implementation = COUNTED_ATTENTION
+        try:
+            return model(input_ids=torch.tensor([ids], device=model.device),
+                         position_ids=torch.arange(start, start + len(ids), device=model.device)[None],
+                         past_key_values=cache, use_cache=True, **counted).logits[0, -1]
+        finally:
+            config._attn_implementation = previous
 
     position = prompt_len
     logits = prefilled.logits
@@ -156,4 +210,4 @@ def snapkv_generate(model: torch.nn.Module, input_ids: torch.Tensor, config: Sna
     Returns the generated token ids and, per step, the log-probabilities over the vocabulary."""
     budget = _checked(config, input_ids.shape[1])
     prefilled = prefill(model, input_ids, config.window)
-    return generate(model, prefilled, select(prefilled, make_policy(config), budget), max_new_tokens)
+    return generate(model, prefilled, selections(prefilled, make_policy(config), budget), max_new_tokens)

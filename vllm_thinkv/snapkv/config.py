@@ -6,7 +6,8 @@
 fraction of the prompt). `policy` picks how the budget is spent
 (`snapkv.policies`): `snapkv` (window attention, pooled), `recent` (the tokens
 just before the window: a naive baseline), `value_aware` (SnapKV x value norm,
-CriticalKV-style), `keydiff` (key diversity; ignores the question). `sinks`: the
+CriticalKV-style), `keydiff` (key diversity; ignores the question), `merge` (SnapKV's
+tokens, with the evicted ones folded into their nearest kept neighbour: `policies.merge`). `sinks`: the
 first N prompt tokens are always kept, counted in the budget. `max_budget` caps
 what any request keeps per KV head outside the window (a ratio, or a request's
 own budget: `snapkv.requests`). A prompt of length P is compacted when P > budget + window:
@@ -23,7 +24,7 @@ from vllm_thinkv.errors import ThinKVError
 
 HF_CONFIG_KEY = "thinkv_snapkv"
 POOLINGS = ("max", "avg")
-POLICIES = ("snapkv", "recent", "value_aware", "keydiff")
+POLICIES = ("snapkv", "recent", "value_aware", "keydiff", "merge")
 
 
 # Fields the deployment sets (`snapkv.requests.deployment_settings`), not `thinkv_snapkv` keys.

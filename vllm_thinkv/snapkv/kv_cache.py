@@ -16,12 +16,22 @@ previous step's end (from `allocate_new_blocks`), the admitted length from the R
 `cache_blocks`, and frees blocks [ceil(kept/bs), C // bs) once that
 step has been processed, so the worker has already moved the kept tokens to
 [0, kept) before any freed block can be handed to another request.
+
+Counts (`merge`): a merging policy's slots carry ln(count) per KV head. It lives in the
+page, after each (slot, KV head) row's r + d values, as one float32 padded to COUNT_BYTES
+(vLLM's `state_content_bytes`, as its Triton backend packs per-token-head scales), so vLLM's
+page size, block count and KV-token capacity include it and nothing is allocated beside the
+cache. float32, not the cache dtype: a bf16 ln(count) would be off by up to 1.5% in the weight
+at counts near e^4. The padding keeps every row 16-byte aligned, so the kernels' K/V loads stay
+vectorised (`KV_ALIGNED`); it costs 16 bytes per token and KV head (6% at r = d = 64 in bf16),
+only when the policy merges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -29,6 +39,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.budgets import RequestBudget, kept_len, request_budget
+from vllm_thinkv.snapkv.policies import merges
 from vllm_thinkv.snapkv.requests import warn_if_capped
 
 
@@ -116,11 +127,29 @@ class SnapKVManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
+COUNT_BYTES = 16  # per (slot, KV head) row with a merging policy: one float32 ln(count), padded to 16 bytes
+
+
+def split_packed(kv: torch.Tensor, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A layer's cache, vLLM's logical view [B, Hkv, N, C] (C = r + d, or r + d + COUNT_BYTES / element
+    size with counts) -> key [B, N, Hkv, r], value [B, N, Hkv, d] and the float32 ln-counts [B, N, Hkv]
+    (None without counts), all views."""
+    kv = kv.transpose(1, 2)
+    extra = kv.shape[-1] - r - d
+    if extra == 0:
+        return kv[..., :r], kv[..., r:], None
+    assert extra * kv.element_size() == COUNT_BYTES, f"cache rows of {kv.shape[-1]} values for r={r}, d={d}"
+    counts = kv[..., r + d : r + d + 4 // kv.element_size()].view(torch.float32)[..., 0]
+    return kv[..., :r], kv[..., r : r + d], counts
+
+
 def snapkv_spec(spec: FullAttentionSpec, snapkv_config: SnapKVConfig) -> SnapKVSpec:
     """The layer's spec with SnapKV settings; refuses to go on if vLLM would manage it
     with a manager that never frees (the plugin's registration failed)."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    if merges(snapkv_config) and spec.state_content_bytes is None:  # (None: dense K/V rows, not yet widened)
+        spec = replace(spec, state_content_bytes=spec.state_content_size_bytes + COUNT_BYTES)
     out = SnapKVSpec.from_spec(spec, snapkv_config)
     manager = KVCacheSpecRegistry.get_manager_class(out)
     if manager is not SnapKVManager:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm_thinkv.snapkv.policies import Policy, PromptKV
+from vllm_thinkv.snapkv.policies import Policy, PromptKV, Selection
 
 
 def window_attention(window_q: torch.Tensor, keys: torch.Tensor, scale: float) -> Callable[[int], torch.Tensor]:
@@ -33,9 +33,15 @@ def window_attention(window_q: torch.Tensor, keys: torch.Tensor, scale: float) -
     return attention
 
 
-def select_tokens(policy: Policy, window_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
-                  scale: float, budget: int) -> torch.Tensor:
-    """The kept prompt tokens outside the window, [Hkv, budget] in position order.
+def select(policy: Policy, window_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+           scale: float, budget: int) -> Selection:
+    """The policy's selection of the prompt tokens outside the window (with `merge`, what the kept slots hold).
     `window_q` may be None only for a policy that does not use queries."""
     attention = None if window_q is None else window_attention(window_q, keys, scale)
-    return policy.select(PromptKV(keys, values, attention), budget).indices
+    return policy.select(PromptKV(keys, values, attention), budget)
+
+
+def select_tokens(policy: Policy, window_q: torch.Tensor | None, keys: torch.Tensor, values: torch.Tensor,
+                  scale: float, budget: int) -> torch.Tensor:
+    """The kept prompt tokens outside the window, [Hkv, budget] in position order."""
+    return select(policy, window_q, keys, values, scale, budget).indices

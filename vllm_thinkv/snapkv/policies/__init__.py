@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from vllm_thinkv.snapkv.policies.base import Policy, PromptKV, Selection, top_tokens
 from vllm_thinkv.snapkv.policies.keydiff import KeyDiffPolicy
+from vllm_thinkv.snapkv.policies.merge import MergePolicy
 from vllm_thinkv.snapkv.policies.recent import RecentPolicy
 from vllm_thinkv.snapkv.policies.snapkv import SnapKVPolicy
 from vllm_thinkv.snapkv.policies.value_aware import ValueAwarePolicy
@@ -17,12 +18,17 @@ if TYPE_CHECKING:
 
 # The names `SnapKVConfig` accepts (config.POLICIES) map to these classes (tests check both lists agree).
 REGISTRY: dict[str, type[Policy]] = {cls.name: cls for cls in (SnapKVPolicy, RecentPolicy, ValueAwarePolicy,
-                                                                KeyDiffPolicy)}
+                                                                KeyDiffPolicy, MergePolicy)}
 
 
 def make_policy(config: SnapKVConfig) -> Policy:
     return REGISTRY[config.policy].from_config(config)
 
 
-__all__ = ["REGISTRY", "KeyDiffPolicy", "Policy", "PromptKV", "RecentPolicy", "Selection", "SnapKVPolicy",
+def merges(config: SnapKVConfig) -> bool:
+    """Whether the deployment's policy merges tokens: its cache then holds a log-count per slot and KV head."""
+    return REGISTRY[config.policy].merges
+
+
+__all__ = ["REGISTRY", "KeyDiffPolicy", "MergePolicy", "merges", "Policy", "PromptKV", "RecentPolicy", "Selection", "SnapKVPolicy",
            "ValueAwarePolicy", "make_policy", "top_tokens"]

@@ -39,10 +39,16 @@ class PromptKV:
 class Selection:
     """A policy's result: per KV head, the kept prompt tokens outside the window.
 
-    A merging policy (issue 20 item 2) would add what it folds into each kept slot
-    (per-slot counts and merged keys/values); dropping policies return indices only."""
+    Dropping policies return indices only: the kept slots hold those tokens' cached keys and
+    values. A merging policy (`merge`) also returns what each kept slot holds instead (the
+    merged key and value, in the scoring dtype) and the natural log of how many tokens it
+    stands for, which the attention kernels add to its logit (`log_counts`); the window's
+    slots always hold themselves with count 1."""
 
     indices: torch.Tensor  # [Hkv, budget], position order
+    keys: torch.Tensor | None = None  # [Hkv, budget, r]
+    values: torch.Tensor | None = None  # [Hkv, budget, d]
+    log_counts: torch.Tensor | None = None  # [Hkv, budget]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Policy(ABC):
     name: ClassVar[str]
     # Whether `scores` reads the window attention (the current prompt's last queries).
     uses_queries: ClassVar[bool] = True
+    # Whether `select` returns merged keys, values and log-counts (the cache then holds a count per slot).
+    merges: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: SnapKVConfig) -> Policy:
