@@ -1,13 +1,15 @@
 """benchmarks/snapkv_quality.py runs end to end in its --dry-run mode (one vLLM
-engine with SnapKV, two passkey prompts), writes its result files, and resumes."""
+engine with SnapKV, two passkey prompts), writes its result files, and resumes. On the tiny
+Llama (random weights: the answers are text, not the passkey; what is checked is the run,
+not the accuracy), 4 layers instead of SmolLM2's 30."""
 
 import json
 from datetime import date
 
-def test_dry_run_writes_results_and_resumes(smollm2_dir, tmp_path, monkeypatch, load_benchmark):
+def test_dry_run_writes_results_and_resumes(tiny_llama_dir, tmp_path, monkeypatch, load_benchmark):
     bench = load_benchmark("snapkv_quality")
     out = tmp_path / "snapkv-passkey"
-    argv = ["--dry-run", "--model", str(smollm2_dir), "--out", str(out)]
+    argv = ["--dry-run", "--model", str(tiny_llama_dir), "--out", str(out)]
     assert bench.main(argv) == 0
 
     result = json.loads(out.with_suffix(".json").read_text())
@@ -40,11 +42,11 @@ def test_dry_run_writes_results_and_resumes(smollm2_dir, tmp_path, monkeypatch, 
     assert (tmp_path / "snapkv-passkey-runs" / f"{key}.json").stat().st_mtime_ns == stamp
 
 
-def test_hf_dry_run_runs_every_policy_under_both_protocols(smollm2_dir, tmp_path, monkeypatch, load_benchmark):
+def test_hf_dry_run_runs_every_policy_under_both_protocols(tiny_llama_dir, tmp_path, monkeypatch, load_benchmark):
     """--hf: full and every policy in the HF reference, question-aware and question-agnostic."""
     bench = load_benchmark("snapkv_quality")
     out = tmp_path / "snapkv-passkey"
-    argv = ["--dry-run", "--hf", "--sinks", "2", "--model", str(smollm2_dir), "--out", str(out)]
+    argv = ["--dry-run", "--hf", "--sinks", "2", "--model", str(tiny_llama_dir), "--out", str(out)]
     assert bench.main(argv) == 0
 
     result = json.loads((tmp_path / "snapkv-passkey-hf.json").read_text())

