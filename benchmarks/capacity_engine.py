@@ -61,6 +61,7 @@ def measure(model: str, args: argparse.Namespace, thinkv: bool) -> dict[str, Any
         "attention_backend": trace["attention_backend"],
         "ranks": sorted(set(ranks)) if ranks else [shape.head_dim],
         "kv_cache_groups": [g["type"] for g in trace["kv_cache_specs"]],
+        "max_in_flight_tokens": trace["max_in_flight_tokens"],
         "num_gpu_blocks": trace["num_gpu_blocks"],
         "max_concurrency": trace["kv_cache_max_concurrency"],
         "kv_cache_tokens": int(tokens),
@@ -75,7 +76,9 @@ def measure(model: str, args: argparse.Namespace, thinkv: bool) -> dict[str, Any
 def markdown(data: dict[str, Any]) -> str:
     runs = data["runs"]
     base = next((r for r in runs if r["name"] == "stock"), runs[0])
-    rows = [[r["name"], r["attention_backend"].rsplit(".", 1)[-1], "/".join(map(str, r["ranks"])), r["num_gpu_blocks"],
+    backend = {"None": "vLLM's default (CPU attention)", "AttentionBackendEnum.CUSTOM": "thinkv"}
+    rows = [[r["name"], backend.get(r["attention_backend"], r["attention_backend"]), "/".join(map(str, r["ranks"])),
+             r["num_gpu_blocks"],
              r["predicted"]["num_gpu_blocks"], f"{r['max_concurrency']:.3f}", f"{r['predicted']['max_concurrency']:.3f}",
              r["kv_cache_tokens"], f"{r['tokens_per_gib']:.0f}", f"{r['tokens_per_gib'] / base['tokens_per_gib']:.3f}×"]
             for r in runs]
@@ -89,7 +92,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Command: `{data['command']}`",
         "",
         f"KV memory {s['kv_cache_gib']:g} GiB per engine, max_model_len {s['max_model_len']}, block size "
-        f"{s['block_size']}, max_num_batched_tokens {s['max_num_batched_tokens']}, {s['dtype']}. KV cache groups "
+        f"{s['block_size']}, max_num_batched_tokens {s['max_num_batched_tokens']} (vLLM's max_in_flight_tokens "
+        f"{runs[0]['max_in_flight_tokens']}), {s['dtype']}. KV cache groups "
         f"(vLLM): {g['full_groups']} full + {g['sliding_groups']} sliding of {g['layers_per_group']} layers each. "
         "\"max concurrency\" is vLLM's own count of max_model_len-token requests that fit; KV cache tokens = it × "
         "max_model_len (what vLLM logs as its KV cache size); predicted = the capacity model "
