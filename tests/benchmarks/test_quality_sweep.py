@@ -65,8 +65,8 @@ def test_sweep_rejects_bad_keys_before_running(load_benchmark, capsys):
 
 def test_sweep_runs_gemma3_and_refuses_what_does_not_apply(tmp_path, load_benchmark, capsys):
     """The sweep on a tiny random Gemma 3 (what `--model gemma3-270m` runs on the real one): the methods
-    that apply give results (r = d exact); svd (q/k norms) and passkey without a chat template are refused
-    before any work."""
+    that apply give results (r = d exact); svd (q/k norms) is refused before any work; passkey on a base
+    model (no chat template) runs completion-style prompts."""
     from tests.tiny import build_tiny_gemma3
 
     bench = load_benchmark("quality")
@@ -84,13 +84,20 @@ def test_sweep_runs_gemma3_and_refuses_what_does_not_apply(tmp_path, load_benchm
             "--ft-windows", "2", "--ft-ctx", "32"]
     assert bench.main(argv + ["--methods", "pca", "svd", "--passkey"]) == 2
     assert "per-head k_norm" in capsys.readouterr().err
-    assert bench.main(argv + ["--methods", "pca", "pairs", "--passkey", "original"]) == 2
-    assert "no chat template" in capsys.readouterr().err
     assert not out.with_suffix(".json").exists()
-    assert bench.main(argv + ["--methods", "pca", "pairs", "joint", "--passkey"]) == 0
+    assert bench.main(argv + ["--methods", "pca", "pairs", "joint", "--passkey", "original", "--passkey-ctx", "200",
+                              "--passkey-trials", "1", "--passkey-depths", "0.5"]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["model"] == "gemma3"
     assert set(data["results"]) == {f"{m}:{r}" for m in ("pca", "pairs", "joint") for r in (16, 64)}
     for m in ("pca", "pairs", "joint"):
         assert data["results"][f"{m}:64"]["exact_check_max_logit_diff"] < 1e-3
         assert data["results"][f"{m}:16"]["ppl"] != data["original"]["ppl"]
+    passkey = data["passkey"]["original ctx=200"]
+    assert passkey["style"] == "completion" and len(passkey["trials"]) == 1
+    # one layer type compressed, the other exact (r = d): which layers cost quality
+    assert bench.main(argv + ["--methods", "pca", "--passkey", "--only", "pca:16:sliding", "pca:16:global"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert res["pca:16:sliding"]["ranks"] == [16, 64, 16, 64] and res["pca:16:global"]["ranks"] == [64, 16, 64, 16]
+    assert len({res[k]["ppl"] for k in ("pca:16", "pca:16:sliding", "pca:16:global")}) == 3
+    assert "| pca sliding layers only |" in out.with_suffix(".md").read_text()

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from vllm_thinkv.capacity.model import (
     GiB,
+    kv_cache_groups,
     load_shape,
     max_sequences,
     num_blocks,
@@ -16,6 +17,7 @@ from vllm_thinkv.capacity.model import (
     shape_from_config,
     shipped_models,
 )
+from vllm_thinkv.cli import main
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv import SnapKVConfig
 
@@ -94,10 +96,93 @@ def test_paper_25_gb_per_user_holds_for_mha_not_gqa():
     assert saved["mistral-7b"] * 4 == saved["llama-2-7b"]  # 8 KV heads instead of 32
 
 
+GEMMA3_270M = {  # Gemma-3-270m's public config values: 18 layers, every 6th global, window 512, MQA, d = 256
+    "model_type": "gemma3_text", "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+    "head_dim": 256, "hidden_size": 640, "intermediate_size": 2048, "vocab_size": 262144, "torch_dtype": "bfloat16",
+    "tie_word_embeddings": True, "max_position_embeddings": 32768, "sliding_window": 512,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+}
+
+
+def test_hybrid_model_only_full_layers_grow():
+    """Gemma-3-270m, bf16, block 16: vLLM's groups are 3 layers each (the 3 global layers; 15 sliding ->
+    5 groups), a block = 3 pages of 16 × 1 × (r + 256) × 2 B; a request of n tokens takes ceil(n/16) blocks
+    in the full group and ceil(min(511 + in-flight tokens, n) / 16) + 1 in each sliding group."""
+    shape = shape_from_config(GEMMA3_270M, "gemma-3-270m")
+    assert sum(shape.sliding) == 15 and shape.sliding_window == 512
+    for r in (256, 64):
+        ranks = None if r == 256 else shape.layer_ranks(r)
+        groups = kv_cache_groups(shape, ranks, 16)
+        page = 16 * 1 * (r + 256) * 2
+        assert (groups.group_layers, groups.full_groups, groups.sliding_groups) == (3, 1, 5)
+        assert groups.block_bytes == 3 * page
+        assert groups.blocks(GiB) == GiB // (3 * page)
+        for n, in_flight in ((100, 16384), (4096, 128), (32768, 128), (32768, 16384)):
+            window_tokens = min(511 + in_flight, n)
+            assert groups.request_blocks(n, 16, in_flight) == -(-n // 16) + 5 * (-(-window_tokens // 16) + 1)
+        # bytes per token of the layers that grow (3 full) and one long request: full layers hold every token
+        assert shape.kv_bytes_per_token(ranks, sliding=False) == 3 * (r + 256) * 2
+        assert shape.request_bytes(32768, ranks) == 32768 * 3 * (r + 256) * 2 + 512 * 15 * (r + 256) * 2
+        assert shape.request_bytes(300, ranks) == 300 * 18 * (r + 256) * 2
+    # thin keys at r = 64: 320 / 512 of the bytes, the same blocks per request -> 1.6x the blocks
+    assert kv_cache_groups(shape, shape.layer_ranks(64), 16).blocks(GiB) == GiB // (3 * 16 * 320 * 2)
+    # max_sequences counts whole requests of these blocks (one pool block is vLLM's null block)
+    groups = kv_cache_groups(shape, None, 16)
+    blocks = groups.blocks(GiB)
+    assert max_sequences(blocks, 4000, 96, 16, groups=groups, in_flight_tokens=128) == (blocks - 1) // (256 + 5 * 41)
+    # a 4:3 pattern is grouped by the larger count (vLLM: max < 1.5 × min): 4-layer groups, the full one padded
+    c = {**GEMMA3_270M, "num_hidden_layers": 7, "layer_types": ["sliding_attention"] * 4 + ["full_attention"] * 3}
+    g = kv_cache_groups(shape_from_config(c, "4-3"), None, 16)
+    assert (g.group_layers, g.full_groups, g.sliding_groups, g.block_bytes) == (4, 1, 1, 4 * 16 * 512 * 2)
+
+
+def test_hybrid_model_in_the_cli_table(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_270M))
+    code = main(["capacity", str(tmp_path), "--rank", "64", "--kv-mem", "1", "--context", "4096",
+                 "--output-tokens", "96", "--in-flight-tokens", "128", "--json"])
+    assert code == 0
+    m = json.loads(capsys.readouterr().out)["models"][0]
+    assert m["kv_bytes_per_token"] == {"stock": 3 * 512 * 2, "thin": 3 * 320 * 2}  # the full layers only
+    row = m["contexts"][0]
+    assert set(row["max_sequences"]) == {"stock", "thin"}  # no SnapKV on sliding-window models
+    per_request = 256 + 5 * 41
+    assert row["max_sequences"] == {"stock": (GiB // (3 * 16 * 512 * 2) - 1) // per_request,
+                                    "thin": (GiB // (3 * 16 * 320 * 2) - 1) // per_request}
+    assert row["vllm_cache_tokens"]["thin"] == GiB // (3 * 16 * 320 * 2) * 4096 // per_request
+
+
+def test_sliding_window_configs():
+    base = public("mistral-7b")
+    with pytest.raises(ThinKVError, match="without `layer_types`"):
+        shape_from_config({**base, "sliding_window": 4096}, "mistral-7b-v0.1")
+    assert not shape_from_config({**base, "sliding_window": 4096, "use_sliding_window": False}, "qwen2-like").hybrid
+    # an older Gemma 3 config: sliding_window_pattern instead of layer_types (every 6th layer global)
+    old = {k: v for k, v in GEMMA3_270M.items() if k != "layer_types"} | {"sliding_window_pattern": 6}
+    assert shape_from_config(old, "old").layer_types == tuple(GEMMA3_270M["layer_types"])
+    with pytest.raises(ThinKVError, match="layer_types must name each of the 18 layers"):
+        shape_from_config({**GEMMA3_270M, "layer_types": ["chunked_attention"] * 18}, "chunked")
+    with pytest.raises(ThinKVError, match="positive sliding_window"):
+        shape_from_config({**GEMMA3_270M, "sliding_window": None}, "no-window")
+    # all full: an ordinary model
+    full = shape_from_config({**GEMMA3_270M, "layer_types": ["full_attention"] * 18}, "full")
+    assert not full.hybrid and kv_cache_groups(full, None, 16).block_bytes == 18 * 16 * 512 * 2
+    # per-layer ranks on a hybrid model: vLLM packs mixed page sizes differently; refused by name
+    shape = shape_from_config(GEMMA3_270M, "gemma-3-270m")
+    with pytest.raises(ThinKVError, match="per-layer QK ranks"):
+        kv_cache_groups(shape, [64] * 17 + [128], 16)
+
+
+def test_gemma3_parameter_count_matches_transformers():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**{k: v for k, v in GEMMA3_270M.items() if k not in ("model_type", "torch_dtype")})
+    with torch.device("meta"):
+        model = Gemma3ForCausalLM(cfg)
+    assert shape_from_config(GEMMA3_270M, "g").param_count() == sum(p.numel() for p in model.parameters())
+
+
 def test_configs_thinkv_cannot_serve_are_refused():
     base = public("mistral-7b")
-    with pytest.raises(ThinKVError, match="sliding-window.*does not model vLLM's hybrid allocator"):
-        shape_from_config({**base, "sliding_window": 4096}, "mistral-7b-v0.1")
     with pytest.raises(ThinKVError, match="lacks 'num_hidden_layers'"):
         shape_from_config({k: v for k, v in base.items() if k != "num_hidden_layers"}, "broken")
     with pytest.raises(ThinKVError, match="dtype"):

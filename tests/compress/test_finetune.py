@@ -55,6 +55,40 @@ def test_pca_finetune_trains_the_projections_unless_bases_only(bases_only):
     assert [c[0] for c in log["curve"]] == list(range(5)) and all(len(x["curve"]) == 5 for x in log["layers"])
 
 
+def test_layer_inputs_reproduce_gemma3s_forward():
+    """The local objective's per-layer inputs on Gemma 3 (sliding layers over 32 tokens with their own RoPE
+    base, a global layer): running the decoder layers with them gives transformers' own hidden states on a
+    96-token window, past the window; one causal mask for every layer would not."""
+    from vllm_thinkv.compress.finetune import _causal_mask, _layer_kwargs
+
+    model = tiny_model("gemma3", num_layers=3)
+    ids = calib_windows(model, n=1, ctx=96)
+    pos = torch.arange(96)[None]
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        h = model.model.embed_tokens(ids)
+        wrong = h.clone()
+        for i, (layer, kw) in enumerate(zip(model.model.layers, _layer_kwargs(model, h, pos))):
+            h = layer(h, **kw)
+            wrong = layer(wrong, **{**kw, "attention_mask": _causal_mask(96, h.dtype, h.device)})
+            if i < 2:  # the last entry of hidden_states is after the final norm
+                torch.testing.assert_close(h, ref[i + 1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(wrong, h, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["pca", "joint"])
+def test_finetune_local_on_gemma3(method):
+    model = tiny_model("gemma3", num_layers=3)
+    windows = calib_windows(model, n=2, ctx=80)
+    cfg, tensors = compress_model(model, CompressRequest(method, rank=16), windows, progress=False)
+    student = make_thin(copy.deepcopy(model), cfg, tensors)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    log = finetune(student, model, windows, FinetuneConfig(steps=10, lr=3e-2), progress=False)
+    assert log["after"] < 0.9 * log["before"]
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(any(q in k for q in QK) for k in changed), changed
+
+
 def test_loss_curve_buckets():
     assert loss_curve([1.0, 3.0, 5.0], points=2) == [[0, 2.0], [2, 5.0]]
     assert loss_curve([4.0] * 64, points=32)[-1] == [62, 4.0] and len(loss_curve([4.0] * 64)) == 32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,9 +10,19 @@ from transformers import AutoTokenizer
 
 from vllm_thinkv.cli import main
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.eval.passkey import NEEDLE, QUESTION, build_case, build_cases, depths, run_hf, score
+from vllm_thinkv.eval.passkey import (
+    COMPLETION_NEEDLE,
+    COMPLETION_QUESTION,
+    NEEDLE,
+    QUESTION,
+    build_case,
+    build_cases,
+    depths,
+    run_hf,
+    score,
+)
 from vllm_thinkv.hf import load
-from vllm_thinkv.hf.text import packaged_text
+from vllm_thinkv.hf.text import packaged_text, text_prefix
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +41,30 @@ def test_needle_at_requested_depth(tok, depth):
     assert case.message.endswith(QUESTION) and case.message.count(case.key) == 2
     assert len(case.key) == 5 and case.key.isdigit()
     assert abs(len(case.prompt_ids) - 512) <= 8  # boundary re-tokenisation moves it by a few tokens
+
+
+@pytest.mark.parametrize("depth", [0.1, 0.9])
+def test_completion_prompt_for_a_base_model(tok, depth):
+    """No chat template (a base model): the prefix tokens, the haystack with the needle, and a text that
+    ends in "The pass key is"; auto picks it, and a chat prompt is refused by name."""
+    base = copy.deepcopy(tok)
+    base.chat_template = None
+    ids = tok(packaged_text()[:40000], add_special_tokens=False)["input_ids"]
+    case = build_case(base, ids, ctx=512, depth=depth, seed=3)
+    assert case.style == "completion" and case.to_dict()["style"] == "completion"
+    needle = COMPLETION_NEEDLE.format(key=case.key)
+    hay = ids[case.haystack_offset : case.haystack_offset + case.haystack_tokens]
+    assert case.message.index(needle) == len(tok.decode(hay[: case.needle_token]))
+    assert case.message.endswith(COMPLETION_QUESTION) and case.message.endswith("The pass key is")
+    prefix = text_prefix(tok)
+    assert case.prompt_ids == prefix + tok(case.message, add_special_tokens=False)["input_ids"]
+    assert abs(len(case.prompt_ids) - 512) <= 8
+    # the same case, asked for explicitly on a tokenizer that has a template
+    assert build_case(tok, ids, ctx=512, depth=depth, seed=3, style="completion").prompt_ids == case.prompt_ids
+    with pytest.raises(ThinKVError, match="no chat template"):
+        build_case(base, ids, ctx=512, depth=depth, seed=3, style="chat")
+    with pytest.raises(ThinKVError, match="style 'plain' is not supported"):
+        build_case(tok, ids, ctx=512, depth=depth, seed=3, style="plain")
 
 
 def test_cases_are_seeded_and_spread(tok):

@@ -56,6 +56,13 @@ def headline(result: dict) -> dict:
         k: {p: h["effective_rank"][k][p] / h["effective_rank"]["v"][p] if h["effective_rank"]["v"][p] else None for p in energies}
         for k in ("k_pre", "k_rope")
     }
+    types = result["model"].get("layer_types") or []
+    if len(set(types)) > 1:  # a hybrid model (Gemma 3): the same means per layer type (sliding vs full attention)
+        h["effective_rank_by_layer_type"] = {
+            t: {k: {p: _mean([layer for layer, lt in zip(act[k]["effective_rank"][p], types) if lt == t])
+                    for p in energies} for k in KINDS}
+            for t in dict.fromkeys(types)
+        }
     pred = result["predictability"]
     h["r2_heldout"] = {
         kind: {str(k): _mean([[head[i] for head in layer] for layer in p["r2_heldout"]]) for i, k in enumerate(p["k"])}
@@ -144,6 +151,16 @@ def summary_markdown(result: dict, plots: list[str]) -> str:
         f"{k}: " + ", ".join(f"{float(p):.0%} {_fmt(v)}" for p, v in r.items())
         for k, r in h["key_to_value_rank_ratio"].items()
     ), ""]
+    if "effective_rank_by_layer_type" in h:
+        types = result["model"]["layer_types"]
+        lines += ["## Effective rank by layer type (energy), mean over the type's layers and heads", ""]
+        lines += ["| layer type | layers | | " + " | ".join(f"{float(p):.0%}" for p in energies) + " |",
+                  "|---" * (3 + len(energies)) + "|"]
+        for t, per_kind in h["effective_rank_by_layer_type"].items():
+            for k in ("k_pre", "k_rope", "v"):
+                lines.append(f"| {t} | {types.count(t)} | {KINDS[k]} | "
+                             + " | ".join(_fmt(per_kind[k][p], 1) for p in energies) + " |")
+        lines.append("")
 
     lines += ["## Inter-head linear predictability (held-out R², mean over layers and heads)", ""]
     k_all = max(len(v) for v in h["r2_heldout"].values())

@@ -155,6 +155,11 @@ def _common(llm, init_s: float, wall_s: float, spec: dict[str, Any]) -> dict[str
     return {
         "vllm_version": vllm.__version__,
         "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        # vLLM's own capacity: requests of max_model_len tokens that fit (its hybrid allocator's count)
+        "kv_cache_max_concurrency": getattr(config.cache_config, "kv_cache_max_concurrency", None),
+        "max_model_len": config.model_config.max_model_len,
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "max_in_flight_tokens": config.max_in_flight_tokens,  # what a sliding-window layer holds beyond its window
         "block_size": config.cache_config.block_size,
         "dtype": str(config.model_config.dtype).replace("torch.", ""),
         "attention_backend": str(config.attention_config.backend),

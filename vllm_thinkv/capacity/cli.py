@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from vllm_thinkv.capacity.model import (
+    DEFAULT_IN_FLIGHT_TOKENS,
     DTYPE_BYTES,
     GiB,
     ModelShape,
     check_block_size,
+    kv_cache_groups,
     load_shape,
     max_sequences,
     memory_budget,
@@ -51,6 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-mem", type=float, metavar="GiB", help="KV-cache memory in total; replaces the GPU-memory-minus-weights estimate")
     p.add_argument("--dtype", choices=["auto", *DTYPE_BYTES], default="auto", help="weights and KV dtype (default: the config's)")
     p.add_argument("--block-size", type=int, default=16, help="vLLM KV block size in tokens (default 16)")
+    p.add_argument("--in-flight-tokens", type=int, default=DEFAULT_IN_FLIGHT_TOKENS, metavar="N",
+                   help="vLLM's max_in_flight_tokens: a sliding-window layer also holds the tokens scheduled but not "
+                   "settled, concurrent batches (2 with async scheduling) × --max-num-batched-tokens (default "
+                   f"{DEFAULT_IN_FLIGHT_TOKENS} = 2 × 8192; only for models with sliding-window layers)")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     p.add_argument("--out", type=Path, metavar="PREFIX", help="also write PREFIX.json and PREFIX.md")
 
@@ -77,36 +83,50 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
     check_block_size(args.block_size)
     ranks = shape.layer_ranks(args.rank)
     budget = memory_budget(shape, args.gpu_mem, gpus, args.gpu_util, args.kv_mem)
-    per_token = {"stock": shape.kv_bytes_per_token(), "thin": shape.kv_bytes_per_token(ranks)}
-    keys = {"stock": shape.key_bytes_per_token(), "thin": shape.key_bytes_per_token(ranks)}
-    blocks = {k: num_blocks(budget.kv_bytes, v, args.block_size) for k, v in per_token.items()}
+    if args.in_flight_tokens <= 0:
+        raise ThinKVError(f"--in-flight-tokens must be positive, got {args.in_flight_tokens}")
+    # Hybrid models: only the full-attention layers grow with the context (bytes per token: theirs); a
+    # sliding layer holds its window per request, counted in the per-user bytes and vLLM's per-request blocks.
+    growing = False if shape.hybrid else None
+    per_token = {"stock": shape.kv_bytes_per_token(sliding=growing), "thin": shape.kv_bytes_per_token(ranks, sliding=growing)}
+    groups = {"stock": kv_cache_groups(shape, None, args.block_size), "thin": kv_cache_groups(shape, ranks, args.block_size)}
+    blocks = {k: g.blocks(budget.kv_bytes) for k, g in groups.items()}
     rows = []
     for n in args.context:
         g = args.output_tokens
         if n <= g or g < 0:
             raise ThinKVError(f"--context {n} must exceed --output-tokens {g} (context = prompt + output tokens)")
         prompt = n - g
-        seqs = {
-            "stock": max_sequences(blocks["stock"], prompt, g, args.block_size),
-            "thin": max_sequences(blocks["thin"], prompt, g, args.block_size),
-            "snapkv": max_sequences(blocks["stock"], prompt, g, args.block_size, snap),
-            "thin_snapkv": max_sequences(blocks["thin"], prompt, g, args.block_size, snap),
-        }
+        seqs = {k: max_sequences(blocks[k], prompt, g, args.block_size, groups=groups[k],
+                                 in_flight_tokens=args.in_flight_tokens) for k in ("stock", "thin")}
+        if not shape.hybrid:  # thinkv serves no SnapKV on sliding-window models
+            seqs.update(snapkv=max_sequences(blocks["stock"], prompt, g, args.block_size, snap),
+                        thin_snapkv=max_sequences(blocks["thin"], prompt, g, args.block_size, snap))
+        user = {"stock": shape.request_bytes(n), "thin": shape.request_bytes(n, ranks)}
         rows.append({
             "context": n,
             "prompt": prompt,
             "beyond_native_context": bool(shape.max_position_embeddings and n > shape.max_position_embeddings),
             "max_sequences": seqs,
+            # vLLM's "KV cache size" in tokens: its maximum concurrency at max_model_len = n, times n
+            "vllm_cache_tokens": {k: blocks[k] * n // groups[k].request_blocks(n, args.block_size, args.in_flight_tokens)
+                                  for k in ("stock", "thin")},
             "per_user_gib": {
-                "kv_stock": n * per_token["stock"] / GiB,
-                "keys_stock": n * keys["stock"] / GiB,
-                "kv_thin": n * per_token["thin"] / GiB,
-                "saved_by_thin_keys": n * (per_token["stock"] - per_token["thin"]) / GiB,
+                "kv_stock": user["stock"] / GiB,
+                "keys_stock": shape.request_bytes(n, keys_only=True) / GiB,
+                "kv_thin": user["thin"] / GiB,
+                "saved_by_thin_keys": (user["stock"] - user["thin"]) / GiB,
             },
         })
     return {
         "model": shape.name,
         "attention": shape.attention,
+        "sliding": None if not shape.hybrid else {
+            "window": shape.sliding_window, "sliding_layers": sum(shape.sliding),
+            "full_layers": shape.num_layers - sum(shape.sliding), "in_flight_tokens": args.in_flight_tokens,
+            "kv_cache_groups": {k: {"layers_per_group": v.group_layers, "full": v.full_groups, "sliding": v.sliding_groups,
+                                    "block_bytes": v.block_bytes} for k, v in groups.items()},
+        },
         "layers": shape.num_layers,
         "heads": shape.num_heads,
         "kv_heads": shape.num_kv_heads,
@@ -134,8 +154,16 @@ def rank_label(ranks: list[int] | tuple[int, ...], head_dim: int) -> str:
     return f"r=mean {sum(ranks) / len(ranks):.1f} per layer (d={head_dim})"
 
 
-def _ratio(x: int, base: int) -> str:
+def _ratio(x: int | None, base: int) -> str:
+    if x is None:
+        return "–"
     return f"{x}" if not base else f"{x} ({x / base:.2f}×)"
+
+
+def _layers(m: dict[str, Any]) -> str:
+    sw = m.get("sliding")
+    layers = m["layers"] if sw is None else f"{m['layers']} ({sw['sliding_layers']} sliding W={sw['window']}, {sw['full_layers']} full)"
+    return f"{layers} × {m['kv_heads']} × {m['head_dim']}"
 
 
 def _per_user_summary(models: list[dict[str, Any]]) -> list[str]:
@@ -168,13 +196,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"- SnapKV: a compacted prompt keeps budget {s['snapkv_budget']} + window {s['snapkv_window']} tokens. "
         "Prefill peak is unchanged: one request at a time holds its whole prompt while it is prefilled.",
         "- † context beyond the model's max_position_embeddings (needs RoPE scaling such as YaRN).",
+        *(["- ‡ Sliding-window models (vLLM's hybrid allocator): bytes and tokens per GiB count the full-attention "
+           "layers only, the ones that grow with the context; a sliding layer holds at most its window per request. "
+           "Layers are split into KV cache groups of equal size, a block is one page of each layer of a group, and a "
+           "request of n tokens takes ceil(n / block_size) blocks per full group and ceil(min(W − 1 + "
+           f"{models_sliding[0]['sliding']['in_flight_tokens']} in-flight tokens, n) / block_size) + 1 per sliding group "
+           "(vLLM's admission reservation). SnapKV is not served on these models (–). \"vLLM cache tokens\" is what "
+           "vLLM logs as its KV cache size: its maximum concurrency at max_model_len = context, times the context."]
+          if (models_sliding := [m for m in models if m.get("sliding")]) else []),
         "",
         "## Models",
         "",
         markdown_table(
             ["model", "attention", "layers × KV heads × d", "thin r", "params", "GPUs", "weights GiB", "KV budget GiB",
              "KV KiB/token stock", "thin", "tokens/GiB stock", "thin", "cache tokens stock", "thin"],
-            [[m["model"], m["attention"], f"{m['layers']} × {m['kv_heads']} × {m['head_dim']}", m["rank_label"],
+            [[m["model"] + (" ‡" if m.get("sliding") else ""), m["attention"], _layers(m), m["rank_label"],
               f"{m['params'] / 1e9:.2f} B", "–" if m["gpus"] is None else f"{m['gpus']} × {s['gpu_mem']:g} GiB",
               "given" if m["weights_gib"] is None else f"{m['weights_gib']:.1f}",
               f"{m['kv_budget_gib']:.1f}", m["kv_bytes_per_token"]["stock"] / 1024, m["kv_bytes_per_token"]["thin"] / 1024,
@@ -185,9 +221,11 @@ def markdown(result: dict[str, Any]) -> str:
         "## Maximum concurrent sequences (ratio to stock)",
         "",
         markdown_table(
-            ["model", "context", "stock", "thin keys", f"SnapKV {s['snapkv_budget']}", "thin + SnapKV"],
+            ["model", "context", "stock", "thin keys", f"SnapKV {s['snapkv_budget']}", "thin + SnapKV",
+             "vLLM cache tokens stock", "thin"],
             [[m["model"], f"{c['context']}{' †' if c['beyond_native_context'] else ''}", c["max_sequences"]["stock"],
-              *(_ratio(c["max_sequences"][k], c["max_sequences"]["stock"]) for k in CONFIGS[1:])]
+              *(_ratio(c["max_sequences"].get(k), c["max_sequences"]["stock"]) for k in CONFIGS[1:]),
+              c["vllm_cache_tokens"]["stock"], c["vllm_cache_tokens"]["thin"]]
              for m in models for c in m["contexts"]],
         ),
         "",
@@ -229,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "thinkv " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["capacity"] else "thinkv capacity " + shlex.join(args.models),
         "settings": {
             "block_size": args.block_size,
+            "in_flight_tokens": args.in_flight_tokens,
             "output_tokens": args.output_tokens,
             "snapkv_budget": args.snapkv_budget,
             "snapkv_window": args.snapkv_window,

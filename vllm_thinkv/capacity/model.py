@@ -7,6 +7,14 @@ It mirrors vLLM's allocator (`vllm.v1.core.kv_cache_utils`): a block holds
 `num_blocks = kv_bytes // (block bytes summed over layers)`, and one block is
 the pool's permanently reserved null block. The throughput benchmark and the
 tests compare these predictions with the engine's own KV cache config.
+
+Hybrid models (Gemma 3: sliding-window and full-attention layers, `layer_types`)
+follow vLLM's hybrid allocator (`KVCacheGroups`): the layers are split into KV
+cache groups of equal size, one pool block is one page of each layer of a
+group, a full-attention group takes ceil(n / block_size) blocks of a request of
+n tokens and a sliding group at most ceil(min(W − 1 + in-flight tokens, n) /
+block_size) + 1 (`SlidingWindowSpec.max_admission_blocks_per_request`): only the
+full-attention layers grow with the context.
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ from vllm_thinkv.kernels.checks import BLOCK_SIZE_MULTIPLE, SUPPORTED_DTYPES
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
 GiB = 1024**3
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Tokens scheduled but not yet settled, which a sliding-window layer holds on top of its window
+# (`VllmConfig.max_in_flight_tokens`): concurrent batches (2 with async scheduling, vLLM's default on
+# GPUs) × --max-num-batched-tokens (8192, vLLM's default for online serving on a GPU).
+DEFAULT_IN_FLIGHT_TOKENS = 2 * 8192
 # The dtypes the kernels serve, by config name: a model in any other dtype is not servable.
 DTYPE_BYTES: dict[str, int] = {str(t).removeprefix("torch."): t.itemsize for t in SUPPORTED_DTYPES}
 REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
@@ -56,7 +69,10 @@ class ModelShape:
     dtype: str
     attention_bias: bool = False
     qk_norm: bool = False
+    norms_per_layer: int = 2  # RMSNorms of a layer (Gemma 3: 4, around attention and MLP)
     ranks: tuple[int, ...] | None = None  # a thin-key checkpoint's per-layer QK ranks
+    layer_types: tuple[str, ...] | None = None  # per layer: "full_attention" / "sliding_attention"; None: all full
+    sliding_window: int | None = None  # W of the sliding layers
 
     @property
     def attention(self) -> str:
@@ -69,15 +85,15 @@ class ModelShape:
         return DTYPE_BYTES[self.dtype]
 
     def param_count(self) -> int:
-        """Parameters of the original dense decoder (Llama/Mistral/Qwen2/Qwen3 layout): only used
-        to subtract the weights from the GPU memory."""
+        """Parameters of the original dense decoder (Llama/Mistral/Qwen2/Qwen3/Gemma 3 text layout): only
+        used to subtract the weights from the GPU memory."""
         h, d, hq, hkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
         attn = h * hq * d + 2 * h * hkv * d + hq * d * h
         if self.attention_bias:
             attn += hq * d + 2 * hkv * d
         if self.qk_norm:
             attn += 2 * d
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        layer = attn + 3 * h * self.intermediate_size + self.norms_per_layer * h
         embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embeddings + h
 
@@ -96,16 +112,69 @@ class ModelShape:
             return self.ranks
         return (self.head_dim // 4,) * self.num_layers
 
-    def kv_bytes_per_token(self, ranks: Sequence[int] | None = None, dtype_bytes: int | None = None) -> int:
-        """Bytes one token occupies in all layers: H_kv·(r + d)·dtype summed over layers (stock: r = d)."""
-        b = dtype_bytes or self.dtype_bytes
-        rs = ranks if ranks is not None else (self.head_dim,) * self.num_layers
-        return sum(self.num_kv_heads * (r + self.head_dim) * b for r in rs)
+    @property
+    def sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend over a sliding window (its cache holds only the window)?"""
+        if self.layer_types is None:
+            return (False,) * self.num_layers
+        return tuple(t == SLIDING for t in self.layer_types)
 
-    def key_bytes_per_token(self, ranks: Sequence[int] | None = None, dtype_bytes: int | None = None) -> int:
+    @property
+    def hybrid(self) -> bool:
+        return any(self.sliding)
+
+    def kv_bytes_per_token(self, ranks: Sequence[int] | None = None, dtype_bytes: int | None = None,
+                           sliding: bool | None = None) -> int:
+        """Bytes one token occupies in all layers: H_kv·(r + d)·dtype summed over layers (stock: r = d);
+        with `sliding` False / True: over the full-attention / sliding-window layers only."""
         b = dtype_bytes or self.dtype_bytes
         rs = ranks if ranks is not None else (self.head_dim,) * self.num_layers
-        return sum(self.num_kv_heads * r * b for r in rs)
+        return sum(self.num_kv_heads * (r + self.head_dim) * b for r, sw in zip(rs, self.sliding)
+                   if sliding is None or sw == sliding)
+
+    def key_bytes_per_token(self, ranks: Sequence[int] | None = None, dtype_bytes: int | None = None,
+                            sliding: bool | None = None) -> int:
+        b = dtype_bytes or self.dtype_bytes
+        rs = ranks if ranks is not None else (self.head_dim,) * self.num_layers
+        return sum(self.num_kv_heads * r * b for r, sw in zip(rs, self.sliding) if sliding is None or sw == sliding)
+
+    def request_bytes(self, tokens: int, ranks: Sequence[int] | None = None, keys_only: bool = False) -> int:
+        """KV bytes one request of `tokens` tokens holds: every token in a full-attention layer, the
+        last min(tokens, W) in a sliding-window layer (vLLM frees the blocks that slid out)."""
+        per_token = self.key_bytes_per_token if keys_only else self.kv_bytes_per_token
+        if not self.hybrid:
+            return tokens * per_token(ranks)
+        return tokens * per_token(ranks, sliding=False) + min(tokens, self.sliding_window) * per_token(ranks, sliding=True)
+
+
+def layer_types_of(cfg: Mapping[str, Any], name: str, layers: int) -> tuple[tuple[str, ...] | None, int | None]:
+    """(per-layer attention types, window) of a config; (None, None) for a model of full-attention layers.
+
+    `layer_types` (Gemma 3, recent transformers configs) names each layer; an older Gemma 3 config gives
+    `sliding_window_pattern` (every n-th layer global, transformers' rule). A `sliding_window` without
+    layer types (Mistral-7B-v0.1, Qwen2's `max_window_layers`) is refused: which layers slide is not
+    written in the config."""
+    types = cfg.get("layer_types")
+    pattern = cfg.get("sliding_window_pattern")
+    if types is None and pattern and str(cfg.get("model_type", "")).startswith("gemma3"):
+        types = [SLIDING if (i + 1) % int(pattern) else FULL for i in range(layers)]
+    if types is None:
+        if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+            raise ThinKVError(
+                f"{name}: sliding-window attention (window {cfg['sliding_window']}) without `layer_types`: which "
+                "layers slide is not in the config, so the capacity model cannot model vLLM's hybrid allocator; "
+                "add `layer_types` (\"full_attention\" / \"sliding_attention\" per layer)"
+            )
+        return None, None
+    if len(types) != layers or not set(types) <= {FULL, SLIDING}:
+        raise ThinKVError(f"{name}: layer_types must name each of the {layers} layers {FULL!r} or {SLIDING!r}; "
+                          f"got {sorted(set(map(str, types)))} for {len(types)} layers")
+    if SLIDING not in types:
+        return None, None
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or window <= 0:
+        raise ThinKVError(f"{name}: sliding_attention layers need a positive sliding_window, got {window!r}")
+    return tuple(types), window
 
 
 def _get(cfg: Mapping[str, Any], key: str, where: str) -> Any:
@@ -121,12 +190,8 @@ def shape_from_config(cfg: Mapping[str, Any], name: str) -> ModelShape:
     for key in ("kv_lora_rank", "q_lora_rank"):
         if cfg.get(key):
             raise ThinKVError(f"{name}: MLA models (DeepSeek-style {key}) are not supported; thinkv supports MHA/GQA decoders")
-    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
-        raise ThinKVError(
-            f"{name}: sliding-window attention (window {cfg['sliding_window']}): the thinkv backend serves it, but "
-            "this capacity model does not model vLLM's hybrid allocator (sliding layers hold only their window) yet"
-        )
     layers, heads = int(_get(cfg, "num_hidden_layers", name)), int(_get(cfg, "num_attention_heads", name))
+    layer_types, window = layer_types_of(cfg, name, layers)
     hidden = int(_get(cfg, "hidden_size", name))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     head_dim = int(cfg.get("head_dim") or hidden // heads)
@@ -157,8 +222,11 @@ def shape_from_config(cfg: Mapping[str, Any], name: str) -> ModelShape:
         max_position_embeddings=cfg.get("max_position_embeddings"),
         dtype=dtype,
         attention_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") == "qwen2",
-        qk_norm=cfg.get("model_type") == "qwen3",
+        qk_norm=cfg.get("model_type") in ("qwen3", "gemma3_text"),
+        norms_per_layer=4 if cfg.get("model_type") == "gemma3_text" else 2,
         ranks=ranks,
+        layer_types=layer_types,
+        sliding_window=window,
     )
 
 
@@ -225,6 +293,61 @@ def check_block_size(block_size: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class KVCacheGroups:
+    """vLLM's KV cache groups of a model (`get_kv_cache_groups`): a pool block is one page of each layer
+    of a group; every group draws its blocks from the one pool.
+
+    Full-attention models: one group of all layers. Hybrid models (vLLM's
+    `_get_kv_cache_groups_uniform_page_size`): the layers of each type are split into groups of
+    `group_layers` layers, the smaller type's count (the larger one's if it is below 1.5 times it),
+    a type's last group padded."""
+
+    group_layers: int
+    full_groups: int
+    sliding_groups: int
+    block_bytes: int  # bytes of one pool block: the pages of the widest group
+    sliding_window: int | None = None
+
+    def blocks(self, kv_bytes: int) -> int:
+        """Blocks vLLM allocates for this many bytes."""
+        return kv_bytes // self.block_bytes
+
+    def request_blocks(self, tokens: int, block_size: int, in_flight_tokens: int = DEFAULT_IN_FLIGHT_TOKENS) -> int:
+        """Blocks a request of `tokens` tokens may hold, summed over groups: what vLLM reserves at admission
+        (`max_admission_blocks_per_request`) and counts in its maximum concurrency. A sliding group
+        holds its last W − 1 tokens plus the tokens in flight (`in_flight_tokens`), never more
+        than the request, and one more block as the window need not start at a block boundary."""
+        full = self.full_groups * cdiv(tokens, block_size)
+        if not self.sliding_groups:
+            return full
+        held = min(self.sliding_window - 1 + in_flight_tokens, tokens)
+        return full + self.sliding_groups * (cdiv(held, block_size) + 1)
+
+
+def kv_cache_groups(shape: ModelShape, ranks: Sequence[int] | None, block_size: int,
+                    dtype_bytes: int | None = None) -> KVCacheGroups:
+    """The groups vLLM makes of `shape`'s layers at these QK ranks (None: stock, r = d)."""
+    b = dtype_bytes or shape.dtype_bytes
+    rs = tuple(ranks) if ranks is not None else (shape.head_dim,) * shape.num_layers
+    pages = [block_size * shape.num_kv_heads * (r + shape.head_dim) * b for r in rs]
+    n_sliding = sum(shape.sliding)
+    if n_sliding in (0, shape.num_layers):  # one attention type: one group of every layer
+        return KVCacheGroups(shape.num_layers, int(n_sliding == 0), int(n_sliding > 0), sum(pages),
+                             shape.sliding_window if n_sliding else None)
+    if len(set(pages)) > 1:
+        raise ThinKVError(
+            f"{shape.name}: per-layer QK ranks ({sorted(set(rs))}) on a model with sliding-window layers: vLLM "
+            "packs mixed page sizes of a hybrid model differently, which this capacity model does not model; "
+            "use one rank for every layer (--rank)"
+        )
+    n_full = shape.num_layers - n_sliding
+    group = min(n_full, n_sliding)
+    if max(n_full, n_sliding) < 1.5 * group:
+        group = max(n_full, n_sliding)
+    return KVCacheGroups(group, cdiv(n_full, group), cdiv(n_sliding, group), group * pages[0], shape.sliding_window)
+
+
 def num_blocks(kv_bytes: int, bytes_per_token: int, block_size: int) -> int:
     """Blocks vLLM allocates for this many bytes (each block: block_size tokens × all layers)."""
     return kv_bytes // (bytes_per_token * block_size)
@@ -241,13 +364,19 @@ def sequence_blocks(prompt: int, output: int, block_size: int, snapkv: SnapKVCon
     return cdiv(kept, block_size) + full - prompt // block_size
 
 
-def max_sequences(blocks: int, prompt: int, output: int, block_size: int, snapkv: SnapKVConfig | None = None) -> int:
+def max_sequences(blocks: int, prompt: int, output: int, block_size: int, snapkv: SnapKVConfig | None = None,
+                  groups: KVCacheGroups | None = None, in_flight_tokens: int = DEFAULT_IN_FLIGHT_TOKENS) -> int:
     """Concurrent requests of prompt + output tokens that fit in `blocks` (one is the null block).
 
     SnapKV does not lower the prefill peak: a request holds its whole prompt until it is compacted.
     The model lets one request at a time be in prefill (vLLM prefills one long prompt at a time) and
-    the others hold their compacted prompt plus all their output."""
+    the others hold their compacted prompt plus all their output. A hybrid model's `groups`: each
+    request takes `groups.request_blocks` (thinkv serves no SnapKV on sliding-window models)."""
     usable = blocks - 1
+    if groups is not None and groups.sliding_groups:
+        if snapkv is not None:
+            raise ThinKVError("SnapKV is not served on models with sliding-window layers")
+        return max(usable // groups.request_blocks(prompt + output, block_size, in_flight_tokens), 0)
     per_seq = sequence_blocks(prompt, output, block_size, snapkv)
     if snapkv is None or snapkv.kept_len(prompt) is None:
         return max(usable // per_seq, 0)

@@ -20,6 +20,7 @@ both distillation from the original model:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -109,8 +110,28 @@ def _freeze_all_but_qk(model: nn.Module, bases_only: bool) -> list[nn.Parameter]
     return params
 
 
-def _causal_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)[None, None]
+def _causal_mask(t: int, dtype: torch.dtype, device, window: int | None = None) -> torch.Tensor:
+    """Additive causal mask; with `window` W, query t sees keys t - W < p <= t (a sliding-window layer)."""
+    mask = torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
+    if window is not None:
+        mask = mask + torch.full_like(mask, float("-inf")).tril(-window)
+    return mask[None, None]
+
+
+def _layer_kwargs(model: nn.Module, h: torch.Tensor, pos: torch.Tensor) -> list[dict]:
+    """Each decoder layer's attention inputs: RoPE and mask by layer type (Gemma 3: its sliding layers attend
+    over `config.sliding_window` tokens and have their own RoPE base; other models: one causal type)."""
+    layers = len(model.model.layers)
+    types = list(getattr(model.config, "layer_types", None) or ["full_attention"] * layers)
+    rotary = model.model.rotary_emb
+    per_type_rope = "layer_type" in inspect.signature(rotary.forward).parameters
+    by_type = {}
+    for lt in dict.fromkeys(types):
+        window = model.config.sliding_window if lt == "sliding_attention" else None
+        rope = rotary(h[:1], pos, lt) if per_type_rope else rotary(h[:1], pos)
+        by_type[lt] = dict(position_embeddings=rope, attention_mask=_causal_mask(h.shape[1], h.dtype, h.device, window),
+                           position_ids=pos)
+    return [by_type[lt] for lt in types]
 
 
 def finetune(
@@ -146,13 +167,11 @@ def _finetune_local(student, teacher, windows, cfg: FinetuneConfig, progress: bo
     with torch.no_grad():
         h_teacher = teacher.model.embed_tokens(windows)  # [N, T, hidden]
         h_student = h_teacher.clone()
-        rope = teacher.model.rotary_emb(h_teacher[:1], pos)
-    mask = _causal_mask(t, h_teacher.dtype, device)
-    kw = dict(position_embeddings=rope, attention_mask=mask, position_ids=pos)
+        layer_kwargs = _layer_kwargs(teacher, h_teacher, pos)
     _freeze_all_but_qk(student, cfg.bases_only)
     layers = []
     bar = tqdm(total=len(student.model.layers) * cfg.steps, desc="fine-tuning (local)", unit="step", disable=not progress)
-    for idx, (t_layer, s_layer) in enumerate(zip(teacher.model.layers, student.model.layers)):
+    for idx, (t_layer, s_layer, kw) in enumerate(zip(teacher.model.layers, student.model.layers, layer_kwargs)):
         with torch.no_grad():
             x_t = t_layer.input_layernorm(h_teacher)
             target = torch.cat([t_layer.self_attn(hidden_states=x_t[i : i + 1], **kw)[0] for i in range(n)])

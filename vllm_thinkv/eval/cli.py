@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--trials", type=int, default=10, help="trials, depths evenly spread in [0.1, 0.9] (default 10); with --depths: trials per depth")
     k.add_argument("--depths", type=float, nargs="+", default=None, metavar="D", help="needle depths in [0, 1], --trials at each (e.g. 0.1 0.5 0.9)")
     k.add_argument("--seed", type=int, default=0, help="trial i uses seed + i for its key and haystack window")
+    k.add_argument("--style", choices=["auto", "chat", "completion"], default="auto",
+                   help="prompt: a chat message (chat template) or text ending in 'The pass key is' for a base model; "
+                   "auto (default): chat if the tokenizer has a chat template")
     k.add_argument("--max-new-tokens", type=int, default=24)
     k.add_argument("--skip-chars", type=int, default=5000, help="front-matter characters skipped per file (default 5000)")
     _common(k, "thinkv_eval_passkey.json")
@@ -116,7 +119,8 @@ def run_passkey(args) -> int:
 
     model, tok, section = _load(args)
     print(f"haystack: {', '.join(args.haystack)}{_skipped(args)}")
-    cases = build_cases(tok, read_texts(args.haystack, args.skip_chars), args.ctx, args.trials, args.seed, args.depths)
+    cases = build_cases(tok, read_texts(args.haystack, args.skip_chars), args.ctx, args.trials, args.seed, args.depths,
+                        args.style)
     t = time.time()
     results = run_hf(model, tok, cases, args.max_new_tokens, progress=not args.no_progress)
     acc = sum(r["correct"] for r in results) / len(results)

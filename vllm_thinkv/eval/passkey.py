@@ -8,6 +8,12 @@ prompt; greedy decoding of 24 tokens; success when the key appears in the answer
 `ctx` is the target length of the whole templated prompt in tokens; the
 haystack fills what the template, needle and question leave.
 
+A base model (no chat template, e.g. Gemma-3-270m) gets the completion-style
+prompt instead (style "completion", the Landmark-attention wording): the
+tokenizer's prefix tokens (`<bos>`), the haystack with the needle
+``" The pass key is {key}. Remember it. {key} is the pass key. "`` and a text
+that ends in "The pass key is", which the model completes.
+
 `build_cases` is all a vLLM runner needs (`case.prompt_ids`, `score`).
 """
 
@@ -24,6 +30,9 @@ from vllm_thinkv.errors import ThinKVError
 
 NEEDLE = " The secret passkey is {key}. Remember it: the secret passkey is {key}. "
 QUESTION = "\n\nWhat is the secret passkey mentioned in the text above? Answer with the number only."
+COMPLETION_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+COMPLETION_QUESTION = "\n\nWhat is the pass key? The pass key is"
+STYLES = ("chat", "completion")
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class PasskeyCase:
     haystack_offset: int  # first haystack token's index in the source token stream
     message: str  # the user message (haystack with needle + question)
     prompt_ids: list[int]  # the templated prompt, ready for generation
+    style: str = "chat"  # "chat" (user message, chat template) or "completion" (prefix tokens + text)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -51,13 +61,35 @@ def chat_prompt_ids(tokenizer, message: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def build_case(tokenizer, haystack_ids: list[int], ctx: int, depth: float, seed: int) -> PasskeyCase:
+def completion_prompt_ids(tokenizer, text: str) -> list[int]:
+    """The tokenizer's prefix tokens (e.g. `<bos>`) + the text: what a base model reads."""
+    from vllm_thinkv.hf.text import text_prefix
+
+    return text_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_style(tokenizer, style: str = "auto") -> str:
+    """"chat" for a tokenizer with a chat template, "completion" for one without (a base model);
+    an explicit style is checked: a chat prompt needs a template."""
+    if style == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "completion"
+    if style not in STYLES:
+        raise ThinKVError(f"passkey prompt style {style!r} is not supported; supported: auto, {', '.join(STYLES)}")
+    if style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ThinKVError("the tokenizer has no chat template; passkey prompts are chat messages (use style completion)")
+    return style
+
+
+def build_case(tokenizer, haystack_ids: list[int], ctx: int, depth: float, seed: int, style: str = "auto") -> PasskeyCase:
     """One prompt of about `ctx` tokens with the needle at `depth` of a seeded haystack window."""
     if not 0.0 <= depth <= 1.0:
         raise ThinKVError(f"needle depth {depth} must be in [0, 1]")
+    style = prompt_style(tokenizer, style)
+    needle, question, to_ids = ((NEEDLE, QUESTION, chat_prompt_ids) if style == "chat"
+                                else (COMPLETION_NEEDLE, COMPLETION_QUESTION, completion_prompt_ids))
     rng = random.Random(seed)
     key = str(rng.randrange(10000, 100000))
-    overhead = len(chat_prompt_ids(tokenizer, NEEDLE.format(key=key) + QUESTION))
+    overhead = len(to_ids(tokenizer, needle.format(key=key) + question))
     n = ctx - overhead
     if n < 16:
         raise ThinKVError(f"passkey ctx {ctx} leaves no room for a haystack (template, needle and question take {overhead} tokens)")
@@ -66,8 +98,8 @@ def build_case(tokenizer, haystack_ids: list[int], ctx: int, depth: float, seed:
     offset = rng.randrange(0, len(haystack_ids) - n + 1)
     hay = haystack_ids[offset : offset + n]
     cut = round(n * depth)
-    message = tokenizer.decode(hay[:cut]) + NEEDLE.format(key=key) + tokenizer.decode(hay[cut:]) + QUESTION
-    return PasskeyCase(key, depth, cut, n, offset, message, chat_prompt_ids(tokenizer, message))
+    message = tokenizer.decode(hay[:cut]) + needle.format(key=key) + tokenizer.decode(hay[cut:]) + question
+    return PasskeyCase(key, depth, cut, n, offset, message, to_ids(tokenizer, message), style)
 
 
 def depths(trials: int) -> list[float]:
@@ -76,15 +108,16 @@ def depths(trials: int) -> list[float]:
 
 
 def build_cases(
-    tokenizer, haystack_text: str, ctx: int, trials: int, seed: int = 0, at: Sequence[float] | None = None
+    tokenizer, haystack_text: str, ctx: int, trials: int, seed: int = 0, at: Sequence[float] | None = None,
+    style: str = "auto",
 ) -> list[PasskeyCase]:
     """`trials` prompts with depths `depths(trials)`, or, with `at`, `trials` prompts at
-    each depth of `at` (depth-major); prompt i is seeded with `seed + i`."""
+    each depth of `at` (depth-major); prompt i is seeded with `seed + i`. `style`: see `prompt_style`."""
     if trials < 1:
         raise ThinKVError(f"trials must be >= 1, got {trials}")
     ids = tokenizer(haystack_text, add_special_tokens=False)["input_ids"]
     spread = depths(trials) if at is None else [d for d in at for _ in range(trials)]
-    return [build_case(tokenizer, ids, ctx, dep, seed + i) for i, dep in enumerate(spread)]
+    return [build_case(tokenizer, ids, ctx, dep, seed + i, style) for i, dep in enumerate(spread)]
 
 
 def score(answer: str, key: str) -> bool:
