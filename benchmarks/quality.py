@@ -461,8 +461,8 @@ def render_markdown(data: dict) -> str:
                   "its calibration window?", ""]
         lines.append(markdown_table(["model"] + [f"{i * ql}-{min((i + 1) * ql, first['ctx'])}" for i in range(n)],
                                     [[v["model"]] + [f"{x:.2f}" for x in v["ppl"]] for v in qs.values()]))
-    lines += ["", "## Commands", "", "Each run wrapped as `flock /tmp/thinkv-heavy.lock nice env OMP_NUM_THREADS=2 .venv/bin/...`"
-              " on a shared machine (wall times in the JSON include contention).", "", "```", *data["commands"], "```", ""]
+    lines += ["", "## Commands", "", "As run (wall times in the JSON include any contention on the machine).", "", "```",
+              *data["commands"], "```", ""]
     return "\n".join(lines)
 
 
