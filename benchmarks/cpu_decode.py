@@ -29,6 +29,7 @@ engines' OMP threads). Results: JSON + markdown + PNG in --out, tagged with this
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     p.add_argument("--name", help="results file prefix (default: cpu-decode-<date>)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (for CI): times are meaningless")
+    p.add_argument("--raw", type=Path, help="keep each engine's raw output here (one JSON per configuration) and "
+                   "reuse one whose engine spec is unchanged: a run cut short resumes; the report says when "
+                   "each engine ran")
     args = p.parse_args(argv)
     base = DRY if args.dry_run else FULL
     args.sizes = Sizes(contexts=tuple(args.contexts or base.contexts), batches=tuple(args.batches or base.batches),
@@ -280,6 +284,19 @@ def kv_read_per_step(config: dict, shape, prompt_lengths: list[int], output_toke
     return kept * per_token
 
 
+def raw_path(folder: Path, name: str) -> Path:
+    return folder / (re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") + ".json")
+
+
+def saved_run(folder: Path | None, name: str, spec: dict) -> dict | None:
+    """A configuration's kept engine output, if its engine spec (model, settings, prompts) is unchanged."""
+    path = raw_path(folder, name) if folder else None
+    if path is None or not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if json.dumps(saved["spec"], sort_keys=True) == json.dumps(spec, sort_keys=True) else None
+
+
 def engine_sweep(args: argparse.Namespace, model: str, shape, log) -> list[dict]:
     sizes = args.sizes
     dtype_bytes = DTYPE_BYTES.get(args.dtype, shape.dtype_bytes)
@@ -303,13 +320,25 @@ def engine_sweep(args: argparse.Namespace, model: str, shape, log) -> list[dict]
             log(f"  {config['name']}: {config['status']}")
             continue
         cshape = load_shape(config["model"]) if config["ranks"] else shape
-        log(f"  {config['name']}: starting an engine ({len(pts) - 1} points)")
-        try:
-            raw = engine.run_in_subprocess(engine_spec(config, args, base, pts), env=env, cwd=REPO)
-        except engine.EngineFailed as e:
-            entry["status"] = f"failed: exit {e.returncode}: {e.log.strip().splitlines()[-1:]}"
-            log(f"  {config['name']}: {entry['status']}")
-            continue
+        spec = engine_spec(config, args, base, pts)
+        saved = saved_run(args.raw, config["name"], spec)
+        if saved is not None:
+            raw, entry["measured"] = saved["raw"], saved["measured"]
+            log(f"  {config['name']}: reusing the engine run of {entry['measured']['start']} ({args.raw})")
+        else:
+            log(f"  {config['name']}: starting an engine ({len(pts) - 1} points)")
+            measured = {"start": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": round(os.getloadavg()[0], 2)}
+            try:
+                raw = engine.run_in_subprocess(spec, env=env, cwd=REPO)
+            except engine.EngineFailed as e:
+                entry["status"] = f"failed: exit {e.returncode}: {e.log.strip().splitlines()[-1:]}"
+                log(f"  {config['name']}: {entry['status']}")
+                continue
+            entry["measured"] = {**measured, "end": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if args.raw:
+                args.raw.mkdir(parents=True, exist_ok=True)
+                raw_path(args.raw, config["name"]).write_text(
+                    json.dumps({"spec": spec, "raw": raw, "measured": entry["measured"]}))
         entry.update(status="ok", init_s=raw["init_s"], attention_backend=raw["attention_backend"], points=[])
         for point in raw["points"][1:]:  # not the warm-up
             batch, context = (int(x) for x in re.findall(r"\d+", point["label"]))
@@ -359,6 +388,9 @@ def markdown(result: dict) -> str:
                   "at the same point.", "",
                   results.markdown_table(["config", "batch", "prompt tokens", "decode tok/s", "ITL median ms", "ITL mean ms", "KV read MB/step",
                                           "fewer bytes", "speed vs stock"], rows)]
+        lines += ["", "Engine runs (each configuration's engine, one after another):", "",
+                  *[f"- {e['name']}: {e['measured']['start']}–{e['measured'].get('end', '?')}, load average at "
+                    f"start {e['measured']['load_average']}" for e in result["engines"] if e.get("measured")]]
         skipped = [f"- {e['name']}: {e['status']}" for e in result["engines"] if e.get("status") != "ok"]
         if skipped:
             lines += ["", *skipped]

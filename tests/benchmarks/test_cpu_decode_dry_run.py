@@ -17,14 +17,28 @@ def dry_run(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cpu-decode")
     cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_decode.py"), "--model", str(tiny_llama_dir), "--dry-run",
            "--configs", "stock", "snapkv", "thin", "--dtype", "float32", "--threads", "1", "--out", str(out),
-           "--name", "dry"]
+           "--name", "dry", "--raw", str(out / "raw")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "dry.json").read_text())
+    return out, json.loads((out / "dry.json").read_text()), cmd
+
+
+def test_a_cut_short_run_resumes_from_the_raw_outputs(dry_run):
+    """--raw keeps each engine's output; a second run with the same settings reuses them (no engine
+    starts: the op section is skipped here) and reports the same numbers and when each engine ran."""
+    out, first, cmd = dry_run
+    cmd = [*cmd[: cmd.index("--name")], "--name", "again", "--raw", str(out / "raw"), "--engines-only"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((out / "again.json").read_text())
+    ran = [e for e in first["engines"] if e.get("status") == "ok"]
+    assert ran and proc.stdout.count("reusing the engine run") == len(ran)
+    assert [e.get("points") for e in again["engines"]] == [e.get("points") for e in first["engines"]]
+    assert all(e["measured"]["start"] in (out / "again.md").read_text() for e in ran)
 
 
 def test_files_and_tag(dry_run):
-    out, result = dry_run
+    out, result, _ = dry_run
     for suffix in (".json", ".md", ".png"):
         assert (out / f"dry{suffix}").stat().st_size > 0
     assert result["dry_run"] is True and "--dry-run" in result["tag"]["command"]
@@ -33,7 +47,7 @@ def test_files_and_tag(dry_run):
 
 
 def test_engines(dry_run):
-    _, result = dry_run
+    _, result, _ = dry_run
     engines = {e["name"]: e for e in result["engines"]}
     assert engines["thin"]["status"].startswith("not run: needs --thin-models")
     stock, snap = engines["stock"], engines["snapkv"]
@@ -52,7 +66,7 @@ def test_engines(dry_run):
 
 
 def test_ops_agree(dry_run):
-    _, result = dry_run
+    _, result, _ = dry_run
     rows = result["kernels"]
     assert rows and all(k["torch_ms"] > 0 and k["numba_ms"] > 0 for k in rows)
     assert all(k["numba_torch_max_diff"] < 0.05 for k in rows)  # bf16 outputs of unit-scale data
