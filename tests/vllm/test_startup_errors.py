@@ -69,7 +69,7 @@ def test_thin_checkpoint_refused_like_a_stock_model(tiny_llama_dir, tmp_path):
     (["--hf-overrides", '{"thinkv_snapkv": {"budget": 16, "window": 16}}'],
      "thinkv_snapkv: window (16) must be smaller than budget (16)"),
     (["--hf-overrides", '{"thinkv_snapkv": {"budget": 64, "policy": "h2o"}}'],
-     "thinkv_snapkv: unknown policy 'h2o' (supported: snapkv, recent, value_aware, keydiff)"),
+     "thinkv_snapkv: unknown policy 'h2o' (supported: snapkv, recent, value_aware, keydiff, merge)"),
     (["--hf-overrides", '{"thinkv_snapkv": {"budget": 64, "sinks": -4}}'],
      "thinkv_snapkv: sinks must be a non-negative integer"),
     (["--hf-overrides", '{"thinkv": {"method": "pca", "rank": 32}}'],
