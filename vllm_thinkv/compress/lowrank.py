@@ -48,7 +48,12 @@ def query_aware_factor(cq: torch.Tensor, ck: torch.Tensor, group: int = 1, rel_e
 
     Each direction is balanced (A's column scaled by c, B's by 1/c) so that the
     thin key and the thin query of one head have equal second moments: the cached
-    values stay in a sensible range for low-precision caches.
+    values stay in a sensible range for low-precision caches. The key side is
+    measured against the floored C_k that S whitens, under which every column of
+    S⁻¹V has unit second moment (VᴴS⁻¹C_kS⁻¹V = I), so c = (μ/group)^¼. Measuring it
+    against the raw C_k instead (issue 19) divided by ~0 along key directions that
+    are exactly zero (Gemma 3's q/k norms zero whole rotary pairs): c reached 1e73,
+    the basis overflowed float32 and r = d gave NaN logits.
     """
     s, s_inv = _hermitian_sqrt(ck, rel_eps)
     m = s @ cq @ s
@@ -56,8 +61,6 @@ def query_aware_factor(cq: torch.Tensor, ck: torch.Tensor, group: int = 1, rel_e
     mu, v = torch.linalg.eigh(m)
     mu, v = mu.flip(0).clamp(min=0), v.flip(1)
     keys, queries = s_inv @ v, s @ v
-    k_var = torch.einsum("ij,ik,kj->j", keys.conj(), ck, keys).real.clamp(min=1e-300)
-    q_var = mu / group
-    q_var = q_var.clamp(min=max(float(q_var.max()) * 1e-12, 1e-300))
-    c = (q_var / k_var) ** 0.25
+    q_var = mu / group  # thin query second moments; the thin keys' are 1 (see above)
+    c = q_var.clamp(min=max(float(q_var.max()) * 1e-12, 1e-300)) ** 0.25
     return Factor(mu=mu, keys=keys * c.to(keys.dtype), queries=queries / c.to(queries.dtype))
