@@ -5,7 +5,8 @@ so its post-RoPE second moments are exactly singular; the factor's balancing
 then divided by ~0, the bases overflowed float32 and r = d gave NaN logits.
 Each case draws float64 queries and keys, factors their second moments, and
 checks that the bases are finite in float64 and after the cast to the model's
-float32, and that at r = d the thin logits (Bᴴq)ᴴ(Aᴴk) equal qᴴk.
+float32, and that at r = d the thin logits (Bᴴq)ᴴ(Aᴴk) equal qᴴk. The bases
+written at r = d are the identity itself (`Factor.columns`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.compress.models import calib_windows, tiny_model
+from vllm_thinkv.compress import compress_model
 from vllm_thinkv.compress.calibrate import complex_pairs
 from vllm_thinkv.compress.lowrank import query_aware_factor
+from vllm_thinkv.config import CompressRequest
 
 D, GROUP = 64, 4
 
@@ -91,3 +95,34 @@ def test_complex_full_rank_on_dead_pairs():
         assert a.isfinite().all() and b.isfinite().all()
         thin = ((zq[:96].to(dtype) @ b.conj()).conj() @ (zk[:128].to(dtype) @ a.conj()).T).to(torch.complex128)
         assert float((thin - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_full_width_columns_are_the_identity():
+    """r = d is the identity compression: `columns` gives B = A = I there (exact in any dtype),
+    and the factor's most important directions below it."""
+    q, k = _samples("dead rotary pairs")
+    f = query_aware_factor(q.T @ q / k.shape[0], k.T @ k / k.shape[0], GROUP)
+    eye = torch.eye(D, dtype=torch.float64)
+    a, b = f.columns(D)
+    assert torch.equal(a, eye) and torch.equal(b, eye)
+    a, b = f.columns(D - 8)
+    assert torch.equal(a, f.keys[:, : D - 8]) and torch.equal(b, f.queries[:, : D - 8])
+
+
+@pytest.mark.parametrize(("method", "share"), [("pca", None), ("joint", 2)])
+def test_full_rank_checkpoint_bases_are_the_identity(method, share):
+    """pca and joint (a latent over both KV heads: S·d wide) write identity bases at r = d, so
+    a full-rank layer of a mixed-rank checkpoint is the original layer in any dtype."""
+    model = tiny_model("llama")
+    request = CompressRequest(method, rank=64, **({"share_group": share} if share else {}))
+    cfg, tensors = compress_model(model, request, calib_windows(model), progress=False)
+    s = cfg.share_group
+    for layer in range(2):
+        qb = tensors[f"model.layers.{layer}.self_attn.q_basis"]  # [Hkv, d, S·d]
+        kb = tensors[f"model.layers.{layer}.self_attn.k_basis"]  # [Hkv/S, S·d, S·d]
+        assert s == (share or 1) and kb.shape == (2 // s, 64 * s, 64 * s)
+        assert torch.equal(kb, torch.eye(64 * s).expand_as(kb))
+        for h in range(2):
+            want = torch.zeros(64, 64 * s)
+            want[:, (h % s) * 64 : (h % s + 1) * 64] = torch.eye(64)
+            assert torch.equal(qb[h], want)

@@ -48,12 +48,10 @@ class JointFit(LayerFit):
 
     def tensors(self, attn: nn.Module, rank: int) -> dict[str, torch.Tensor]:
         dtype, width, d = attn.q_proj.weight.dtype, self.share * rank, self.d
+        keys, queries = zip(*(f.columns(width) for f in self.factors))
         # q_basis [Hkv, d, S·r]: KV head g = s·S + j takes rows j·d..(j+1)·d of its group's query side
-        q_basis = [f.queries[j * d : (j + 1) * d, :width] for f in self.factors for j in range(self.share)]
-        return {
-            "q_basis": torch.stack(q_basis).to(dtype),
-            "k_basis": torch.stack([f.keys[:, :width] for f in self.factors]).to(dtype),
-        }
+        q_basis = [b[j * d : (j + 1) * d] for b in queries for j in range(self.share)]
+        return {"q_basis": torch.stack(q_basis).to(dtype), "k_basis": torch.stack(keys).to(dtype)}
 
 
 @dataclass

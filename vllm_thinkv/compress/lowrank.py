@@ -6,8 +6,9 @@ that the thin logit ``(Bᴴq)ᴴ(Aᴴk) = qᴴ B Aᴴ k`` approximates ``qᴴk``
 least expected squared error ``E|qᴴ(I − BAᴴ)k|²`` over independent q, k.
 With S = C_k^{1/2} and V the eigenvectors of S C_q S (eigenvalues μ, descending),
 A = S⁻¹V and B = SV; keeping r directions leaves an error of Σ_{j>r} μ_j
-(Eckart–Young in the whitened key space). For all directions B Aᴴ = I exactly,
-whatever the conditioning, which is what makes r = d reproduce the model.
+(Eckart–Young in the whitened key space). For all directions B Aᴴ = I,
+whatever the conditioning, up to rounding; `Factor.columns` hands out the
+identity pair at full width instead, so r = d reproduces the model exactly.
 
 Works for real symmetric (post-RoPE, `pca`) and complex Hermitian (rotary-pair
 view, `svd`) statistics alike.
@@ -28,6 +29,17 @@ class Factor:
     mu: torch.Tensor
     keys: torch.Tensor
     queries: torch.Tensor
+
+    def columns(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and query vectors [n, width] of the `width` most important directions.
+        At full width the identity pair instead: r = d is the identity compression, and
+        B Aᴴ = I holds for the factor only up to the rounding of the model's dtype
+        (~1e-6 relative in float32, worse in bf16), for the identity exactly."""
+        n = self.keys.shape[0]
+        if width == n:
+            eye = torch.eye(n, dtype=self.keys.dtype, device=self.keys.device)
+            return eye, eye.clone()
+        return self.keys[:, :width], self.queries[:, :width]
 
 
 def _hermitian_sqrt(c: torch.Tensor, rel_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

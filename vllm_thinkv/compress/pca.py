@@ -33,10 +33,8 @@ class PcaFit(LayerFit):
 
     def tensors(self, attn: nn.Module, rank: int) -> dict[str, torch.Tensor]:
         dtype = attn.q_proj.weight.dtype
-        return {
-            "q_basis": torch.stack([f.queries[:, :rank] for f in self.factors]).to(dtype),
-            "k_basis": torch.stack([f.keys[:, :rank] for f in self.factors]).to(dtype),
-        }
+        keys, queries = zip(*(f.columns(rank) for f in self.factors))
+        return {"q_basis": torch.stack(queries).to(dtype), "k_basis": torch.stack(keys).to(dtype)}
 
 
 class Pca(Method):
