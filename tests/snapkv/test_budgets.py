@@ -72,7 +72,7 @@ def test_above_max_is_the_one_refusal_rule():
     capped = SnapKVConfig(budget=100, window=16, max_budget=300)
     assert RequestBudget(budget=301).above_max(capped) == "thinkv_snapkv_budget 301 is above this deployment's max_budget (300)"
     assert RequestBudget(off=True).above_max(capped) == \
-        'thinkv_snapkv_budget "off" (no compaction) is not allowed where max_budget is set (300)'
+        'thinkv_snapkv_budget "off" (no compaction) is above this deployment\'s max_budget (300)'
     assert RequestBudget(budget=300).above_max(capped) is None
     assert RequestBudget(budget_ratio=0.99).above_max(capped) is None  # depends on the prompt: capped, never refused
     for request in (RequestBudget(budget=5000), RequestBudget(off=True)):

@@ -68,10 +68,9 @@ class RequestBudget:
         cap = deployment.max_budget
         if cap is None or self.budget_ratio is not None:
             return None
-        if self.off:
-            return f'{BUDGET_KEY} "{OFF}" (no compaction) is not allowed where max_budget is set ({cap})'
-        if self.budget > cap:
-            return f"{BUDGET_KEY} {self.budget} is above this deployment's max_budget ({cap})"
+        if self.off or self.budget > cap:
+            asked = f'"{OFF}" (no compaction)' if self.off else self.budget
+            return f"{BUDGET_KEY} {asked} is above this deployment's max_budget ({cap})"
         return None
 
     def budget_for(self, deployment: SnapKVConfig, prompt_len: int) -> int | None:
