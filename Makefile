@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VENV033 ?= .venv-vllm033
 # What runs against vLLM 0.33.0 without a GPU: everything that imports vLLM but starts no engine.
 VLLM033_TESTS ?= tests/vllm033 tests/vllm/test_plugin.py tests/vllm/test_deployment.py tests/snapkv \
-	tests/kernels/test_compile.py
+	tests/kernels/test_compile.py tests/vllm/test_budget_limit.py
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -1,6 +1,8 @@
 """Per-request SnapKV budgets: parsing and admission checks, the one resolution rule,
 and the worker tracker applying each row's own budget."""
 
+import importlib
+
 import pytest
 import torch
 from vllm import SamplingParams
@@ -66,6 +68,17 @@ def test_kept_len_resolves_against_the_deployment():
     assert kept_len(SnapKVConfig(budget_ratio=0.5, window=16, max_budget=300), None, 1000) == 316
 
 
+def test_above_max_is_the_one_refusal_rule():
+    capped = SnapKVConfig(budget=100, window=16, max_budget=300)
+    assert RequestBudget(budget=301).above_max(capped) == "thinkv_snapkv_budget 301 is above this deployment's max_budget (300)"
+    assert RequestBudget(off=True).above_max(capped) == \
+        'thinkv_snapkv_budget "off" (no compaction) is above this deployment\'s max_budget (300)'
+    assert RequestBudget(budget=300).above_max(capped) is None
+    assert RequestBudget(budget_ratio=0.99).above_max(capped) is None  # depends on the prompt: capped, never refused
+    for request in (RequestBudget(budget=5000), RequestBudget(off=True)):
+        assert request.above_max(SnapKVConfig(budget=100, window=16)) is None  # no max_budget: anything goes
+
+
 def test_max_budget_validation():
     with pytest.raises(ThinKVError, match=r"budget \(400\) exceeds max_budget \(300\)"):
         SnapKVConfig(budget=400, window=16, max_budget=300)
@@ -121,6 +134,8 @@ def test_processor_named_recognises_vllms_forms():
     assert processor_named([PROCESSOR]) and processor_named(["x:Y", SnapKVRequestBudgets])
     assert processor_named([PROCESSOR.replace(":", ".")])
     assert not processor_named(None) and not processor_named([]) and not processor_named(["x:SnapKVRequestBudgets"])
+    module, name = PROCESSOR.split(":")  # the name spelled in snapkv.budgets (for thinkv serve) is the class's
+    assert getattr(importlib.import_module(module), name) is SnapKVRequestBudgets
 
 
 class _Request:

