@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,13 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
 }
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left
+        pass
 
 
 class EngineFailed(RuntimeError):
@@ -89,7 +97,14 @@ def run_in_subprocess(
         log_path = Path(log) if log is not None else Path(tmp, "engine.log")
         cmd = [*wrapper, sys.executable, "-m", __name__, str(spec_path), str(out_path)]
         with open(log_path, "w") as f:
-            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            # In its own process group, ended as a whole: vLLM's engine core and workers do not
+            # outlive a timeout or a crash of the engine process (they would hold cores and memory).
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait(timeout)
+            finally:
+                kill_group(proc.pid)
+                proc.wait()
         if proc.returncode != 0 or not out_path.exists():
             raise EngineFailed(proc.returncode, log_path.read_text(errors="replace"), Path(log) if log else None)
         return json.loads(out_path.read_text())

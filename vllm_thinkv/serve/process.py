@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from vllm_thinkv.bench.engine import kill_group
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,7 +33,10 @@ class ServerProcess:
                "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
         self.log_path = log
         self._log = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own process group: vLLM's engine core and workers are in it too, so `stop` can end
+        # what a server that failed to start left running.
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.time() + timeout
@@ -48,13 +53,16 @@ class ServerProcess:
         raise TimeoutError(f"thinkv serve not ready after {timeout:.0f} s; log: {self.log_path}")
 
     def stop(self) -> None:
+        """SIGTERM (vLLM shuts its engine processes down), then SIGKILL to whatever of the
+        group is left (after a failed start, vLLM's engine core and workers outlive the server)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        kill_group(self.proc.pid)
+        self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
 
