@@ -19,7 +19,10 @@ costs S times the key bytes of one sequence; the QK work is S times that of r-di
 
 Counts (log_counts, see `attention.paged_attention`): the kept slots' ln(count) are gathered like
 the keys and passed to SDPA as a float mask (the bias, -inf where causality or the window hides a
-key), in float32 so the bias is not rounded to a 16-bit dtype.
+key), in float32 so the bias is not rounded to a 16-bit dtype. Where every gathered count is 1
+(ln 0: no merged slot, as in every prefill before compaction) the bias adds nothing and is left
+out: a float mask of [heads, queries, keys] takes SDPA's slow path (a 4k-token prefill chunk: ~0.6 GB
+of mask per layer).
 """
 
 from __future__ import annotations
@@ -139,10 +142,11 @@ def paged_attention_torch(call: AttentionCall, out: torch.Tensor | None, num_spl
                 mask = _window_mask(ranges, end, n, window, queries.device)
             else:
                 mask = causal_lower_right(n, keys.shape[2])
-            if call.log_counts is not None:
+            bias = None if call.log_counts is None else _kept(call.log_counts, blocks, ranges)
+            if bias is not None and bias.any():  # all zero (no merged slot, e.g. any prefill): nothing to add
                 if mask is not None and window is None:  # lower-right causal: query i sees keys j <= P - n + i
                     mask = torch.ones(n, keys.shape[2], dtype=torch.bool, device=keys.device).tril(keys.shape[2] - n)
-                mask = _count_mask(_kept(call.log_counts, blocks, ranges), shape.group, mask, torch.float32)
+                mask = _count_mask(bias, shape.group, mask, torch.float32)
                 queries, keys, values = queries.float(), keys.float(), values.float()
             o = F.scaled_dot_product_attention(*equal_widths(queries, keys, values), attn_mask=mask,
                                                scale=call.scale, enable_gqa=gqa)

@@ -108,3 +108,18 @@ def test_bad_counts_are_refused(bad, message):
     for op in (paged_attention_torch, paged_attention_numba):
         with pytest.raises(ThinKVError, match=message):
             op(*batch.args(), gaps=batch.gaps, log_counts=bad(counts))
+
+
+@pytest.mark.parametrize("dtype", MATRIX_DTYPES, ids=str)
+def test_sequences_without_merged_slots_next_to_merged_ones(dtype):
+    """Counts 1 (ln 0) in some sequences' slots, as before compaction, random in the others': the
+    torch path leaves the bias out per sequence where it is all zero (fast SDPA) and keeps it elsewhere."""
+    batch = _batch(dtype)
+    counts = random_log_counts(batch, seed=7)
+    plain = [0, 2]
+    for seq in plain:
+        counts[batch.block_table[seq]] = counts[batch.block_table[seq]].nan_to_num(0.0).zero_()
+    ref = _reference(batch, counts)
+    out = paged_attention_torch(*batch.args(), out=poisoned_out(batch, batch.value_cache.shape[-1]), **_opts(batch, counts))
+    assert_close_to_reference(out, ref, dtype, "torch path, some sequences without merged slots")
+    assert relative_error(ref, _reference(batch, torch.zeros_like(counts))) > 1e-2  # the others' counts matter
