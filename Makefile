@@ -10,6 +10,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test files run in parallel in this many processes (pytest-xdist): a file's tests stay in one process,
+# the longest files go first and each process's vLLM engines compute on their own core (tests/conftest.py).
+# 0: one process.
+PYTEST_WORKERS ?= 2
 VENV033 ?= .venv-vllm033
 # What runs against vLLM 0.33.0 without a GPU: everything that imports vLLM but starts no engine.
 VLLM033_TESTS ?= tests/vllm033 tests/vllm/test_plugin.py tests/vllm/test_deployment.py tests/snapkv \
@@ -38,7 +42,7 @@ demo: setup
 	$(BIN)/python -m vllm_thinkv.serve.demo
 
 test: setup
-	@$(BIN)/python -m pytest -ra $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -ra -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; exit $$rc
 
 setup-vllm033: $(VENV033)/.thinkv-installed

