@@ -17,6 +17,10 @@ decode) x bytes per cached token in all layers (H_kv (r + d) dtype bytes; SnapKV
 budget + window prompt tokens). Thin configurations need `thinkv compress` checkpoints of
 the model (--thin-models); their ranks label them.
 
+Prefill op section (--prefill-only alone): one prefill chunk of q_len tokens at the end of a
+4096-token sequence, torch vs numba vs the backend's default (which sends chunks of more than
+PREFILL_TOKENS query tokens to torch): where torch overtakes numba sets PREFILL_TOKENS.
+
 Op section (no engine): one layer's attention call at the model's shapes, decode batch x
 context, r in {d, 32, 16}: `paged_attention_torch` (gathers each sequence's blocks),
 `paged_attention_numba` (reads the cache in place) and, at r = d, vLLM's CPU attention op
@@ -49,7 +53,7 @@ from vllm_thinkv.capacity.model import DTYPE_BYTES, load_shape
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.text import read_texts
 from vllm_thinkv.kernels import paged_attention_torch
-from vllm_thinkv.kernels.cpu_numba import kv_bytes_read, paged_attention_numba
+from vllm_thinkv.kernels.cpu_numba import PREFILL_TOKENS, kv_bytes_read, paged_attention_cpu, paged_attention_numba
 from vllm_thinkv.kernels.testing import PagedBatch, packed_kv_cache
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
@@ -66,11 +70,14 @@ class Sizes:
     kernel_ranks: tuple[int, ...] = (32, 16)  # besides r = d
     kernel_dtypes: tuple[str, ...] = ("bfloat16", "float32")
     repeats: int = 5
+    # prefill op section: one sequence of prefill_context tokens whose last q_len are queried (a prefill chunk)
+    prefill_context: int = 4096
+    prefill_q_lens: tuple[int, ...] = (16, 64, 256, 512, 1024, 2048, 4096)
 
 
 FULL = Sizes()
 DRY = Sizes(contexts=(48, 96), batches=(1, 2), output_tokens=4, warmup_tokens=16, kernel_ranks=(16,),
-            kernel_dtypes=("bfloat16",), repeats=1)
+            kernel_dtypes=("bfloat16",), repeats=1, prefill_context=96, prefill_q_lens=(16, 96))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text", nargs="+", metavar="FILE", help="text to cut prompts from (default: the packaged excerpt)")
     p.add_argument("--kernels-only", action="store_true", help="only the op micro-benchmark (no engines)")
     p.add_argument("--engines-only", action="store_true", help="only the engine comparison")
+    p.add_argument("--prefill-only", action="store_true",
+                   help="only the prefill-chunk op sweep (sets cpu_numba.PREFILL_TOKENS: where torch overtakes numba)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     p.add_argument("--name", help="results file prefix (default: cpu-decode-<date>)")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (for CI): times are meaningless")
@@ -100,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     base = DRY if args.dry_run else FULL
     args.sizes = Sizes(contexts=tuple(args.contexts or base.contexts), batches=tuple(args.batches or base.batches),
                        output_tokens=args.output_tokens or base.output_tokens, warmup_tokens=base.warmup_tokens,
-                       kernel_ranks=base.kernel_ranks, kernel_dtypes=base.kernel_dtypes, repeats=base.repeats)
+                       kernel_ranks=base.kernel_ranks, kernel_dtypes=base.kernel_dtypes, repeats=base.repeats,
+                       prefill_context=base.prefill_context, prefill_q_lens=base.prefill_q_lens)
     if args.dry_run:
         args.snapkv_budget, args.snapkv_window = 16, 4
     return args
@@ -120,8 +130,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def decode_batch(batch: int, context: int, r: int, d: int, num_heads: int, num_kv_heads: int, block_size: int,
-                 dtype: torch.dtype, seed: int = 0) -> PagedBatch:
-    """`batch` decode sequences of `context` tokens over shuffled blocks of a packed head-major cache."""
+                 dtype: torch.dtype, seed: int = 0, q_len: int = 1) -> PagedBatch:
+    """`batch` sequences of `context` tokens over shuffled blocks of a packed head-major cache, each querying
+    its last `q_len` tokens (1: decode; more: a prefill chunk)."""
     gen = torch.Generator().manual_seed(seed)
     per_seq = -(-context // block_size)
     num_blocks = batch * per_seq + 1
@@ -130,9 +141,10 @@ def decode_batch(batch: int, context: int, r: int, d: int, num_heads: int, num_k
     packed.copy_(torch.randn(packed.shape, generator=gen))
     block_table = (torch.randperm(num_blocks - 1, generator=gen) + 1).to(torch.int32).view(batch, per_seq)
     return PagedBatch(
-        q=torch.randn(batch, num_heads, r, generator=gen).to(dtype), key_cache=key_cache, value_cache=value_cache,
-        block_table=block_table, cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32),
-        seq_lens=torch.full((batch,), context, dtype=torch.int32), scale=r ** -0.5, max_seqlen_q=1,
+        q=torch.randn(batch * q_len, num_heads, r, generator=gen).to(dtype), key_cache=key_cache,
+        value_cache=value_cache, block_table=block_table,
+        cu_seqlens_q=torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32),
+        seq_lens=torch.full((batch,), context, dtype=torch.int32), scale=r ** -0.5, max_seqlen_q=q_len,
         max_seqlen_k=context, packed=packed)
 
 
@@ -204,6 +216,35 @@ def kernel_sweep(shape, sizes: Sizes, block_size: int, log) -> list[dict]:
                         f"{numba_ms:8.2f} ms ({row['numba_gb_per_s']:.1f} GB/s)"
                         + (f"  vLLM {row['vllm_ms']:8.2f} ms" if row["vllm_ms"] else ""))
                     del pb
+    return rows
+
+
+def prefill_sweep(shape, sizes: Sizes, block_size: int, log) -> list[dict]:
+    """One layer's attention over one prefill chunk (the last q_len of prefill_context tokens, bf16):
+    torch path vs numba kernel vs the backend's default (`paged_attention_cpu`, which routes chunks of
+    more than PREFILL_TOKENS query tokens to torch). Where torch overtakes numba is what PREFILL_TOKENS
+    should be."""
+    rows = []
+    d = shape.head_dim
+    # a chunk at the end of a long prompt (chunked prefill), and a whole prompt in one chunk (context = chunk)
+    points = [(sizes.prefill_context, q) for q in sizes.prefill_q_lens if q <= sizes.prefill_context]
+    points += [(q, q) for q in sizes.prefill_q_lens if q >= 256 and q != sizes.prefill_context]
+    for r in (d, *sizes.kernel_ranks[-1:]):
+        for context, q_len in points:
+            pb = decode_batch(1, context, r, d, shape.num_heads, shape.num_kv_heads, block_size, torch.bfloat16,
+                              q_len=q_len)
+            timed = {name: median_ms(lambda op=op: op(*pb.args()), sizes.repeats)
+                     for name, op in (("torch", paged_attention_torch), ("numba", paged_attention_numba),
+                                      ("default", paged_attention_cpu))}
+            diff = (paged_attention_numba(*pb.args()).float() - paged_attention_torch(*pb.args()).float())
+            row = {"dtype": "bfloat16", "context": context, "q_len": q_len, "r": r, "d": d,
+                   **{f"{k}_ms": v for k, v in timed.items()}, "numba_vs_torch": timed["torch"] / timed["numba"],
+                   "default_route": "torch" if q_len > PREFILL_TOKENS else "numba",
+                   "prefill_tokens": PREFILL_TOKENS, "numba_torch_max_diff": float(diff.abs().max())}
+            rows.append(row)
+            log(f"  prefill op r{r} ctx {context} chunk {row['q_len']}: torch {timed['torch']:8.2f} ms  numba "
+                f"{timed['numba']:8.2f} ms  default ({row['default_route']}) {timed['default']:8.2f} ms")
+            del pb
     return rows
 
 
@@ -405,6 +446,16 @@ def markdown(result: dict) -> str:
                                           "vLLM ms", "numba vs torch", "numba vs vLLM", "numba GB/s"], rows)]
         notes = sorted({k["vllm_note"] for k in result["kernels"] if k.get("vllm_note") and not k.get("vllm_ms")})
         lines += [f"- {n}" for n in notes]
+    if result.get("prefill_ops"):
+        ops = result["prefill_ops"]
+        rows = [[k["r"], k["context"], k["q_len"], _f(k["torch_ms"], ".2f"), _f(k["numba_ms"], ".2f"),
+                 f"{_f(k['numba_vs_torch'], '.2f')}×", k["default_route"], _f(k["default_ms"], ".2f")] for k in ops]
+        lines += ["", "## One layer's attention op (one prefill chunk)", "",
+                  "bf16; one sequence of `context` tokens, its last `chunk` tokens queried (context = chunk: a whole "
+                  "prompt in one step); median ms per call. default = `paged_attention_cpu` (the backend's CPU op): chunks of more than "
+                  f"{ops[0]['prefill_tokens']} query tokens go to the torch path, the rest to numba.", "",
+                  results.markdown_table(["r", "context", "chunk", "torch ms", "numba ms", "numba speed vs torch",
+                                          "default routes to", "default ms"], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +489,20 @@ def plot(result: dict, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="batch × context", ylabel="ms per layer call",
                title=f"attention op ({dtype})")
         ax.legend(fontsize=7)
+    elif result.get("prefill_ops"):  # --prefill-only: the chunk sweep instead
+        ops = result["prefill_ops"]
+        for r in sorted({k["r"] for k in ops}, reverse=True):
+            for impl, style in (("torch", "--"), ("numba", "-")):
+                for whole in (False, True):
+                    pts = sorted((k["q_len"], k[f"{impl}_ms"]) for k in ops
+                                 if k["r"] == r and (k["context"] == k["q_len"]) == whole)
+                    if len(pts) > 1:
+                        ax.plot(*zip(*pts), style, marker="o" if whole else "s",
+                                label=f"{impl} r={r}, " + ("whole prompt" if whole else f"end of {ops[0]['context']}"))
+        ax.axvline(ops[0]["prefill_tokens"], color="0.5", linestyle=":", label="PREFILL_TOKENS")
+        ax.set(xscale="log", yscale="log", xlabel="query tokens in the chunk", ylabel="ms per layer call",
+               title="attention op, one prefill chunk (bf16)")
+        ax.legend(fontsize=6)
     fig.suptitle(f"{result['tag']['device']} · {result['tag']['date']}" + (" · dry run" if result["dry_run"] else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -479,12 +544,15 @@ def _main(args: argparse.Namespace) -> int:
                                                                "window": args.snapkv_window},
                      "output_tokens": args.sizes.output_tokens, "sizes": asdict(args.sizes)},
     }
-    if not args.kernels_only:
+    if not (args.kernels_only or args.prefill_only):
         log("engines:")
         result["engines"] = engine_sweep(args, args.model, shape, log)
-    if not args.engines_only:
+    if not (args.engines_only or args.prefill_only):
         log("attention op:")
         result["kernels"] = kernel_sweep(shape, args.sizes, args.block_size, log)
+    if not args.engines_only:
+        log("attention op, prefill chunks:")
+        result["prefill_ops"] = prefill_sweep(shape, args.sizes, args.block_size, log)
     name = args.name or f"cpu-decode-{result['tag']['date']}{'-dry-run' if args.dry_run else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / name

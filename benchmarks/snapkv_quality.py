@@ -309,6 +309,7 @@ def plot(path: Path, summaries: dict, lengths: list[int], args, meta: dict) -> N
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.2 * len(lengths), 4.2), squeeze=False, sharey=True)
     styles = {"snapkv": ("C0", "o", "SnapKV"), "recent": ("C1", "s", "recent (naive)"),
               "value_aware": ("C3", "D", "value-aware"), "keydiff": ("C4", "v", "KeyDiff (query-agnostic)"),
+              "merge": ("C5", "P", "merge (KVSlimmer-style)"),
               "thin-snapkv": ("C2", "^", f"thin r={args.thin_rank} + SnapKV")}
     styles.update({f"{p}-sinks{args.sinks}": (c, m, f"{label} + {args.sinks} sinks")
                    for p, (c, m, label) in list(styles.items()) if args.sinks and not p.startswith("thin")})

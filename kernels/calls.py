@@ -69,7 +69,8 @@ def _named_like(op: Callable, impl: Callable) -> Callable:
 
 
 def attention_op(impl: AttentionImpl) -> Callable[..., torch.Tensor]:
-    """`impl(call, out, num_splits)` as a `paged_attention` op."""
+    """`impl(call, out, num_splits)` as a `paged_attention` op; `op.impl` is `impl`, for ops that hand
+    parts of a call to another implementation."""
 
     def op(
         q: torch.Tensor,
@@ -93,6 +94,7 @@ def attention_op(impl: AttentionImpl) -> Callable[..., torch.Tensor]:
                              key_share, sliding_window, max_seqlen_q, max_seqlen_k, log_counts)
         return impl(call, out, num_splits)
 
+    op.impl = impl
     return _named_like(op, impl)
 
 

@@ -17,6 +17,12 @@ follows torch.get_num_threads() (vLLM's CPU worker sets it to its bound cores), 
 numba's pool size, so numba and torch never run more threads than torch was given, and
 numba's pool runs on the cores torch's threads are pinned to (`_start_pool`).
 
+Long prefill chunks: the kernel's QK and PV products are scalar loops, while torch's fused SDPA
+runs them as blocked matrix products, which wins once a sequence brings many query tokens
+(`benchmarks/cpu_decode.py` measures both per query-chunk length). `paged_attention_cpu`, the
+backend's default CPU op, therefore sends every sequence with more than PREFILL_TOKENS query tokens
+in a call to the torch path and the rest (decodes, short chunks) to this kernel, in one call.
+
 numba is imported on first use, so this package imports without it; the JIT result is
 cached on disk (numba cache=True: next to the module, or numba's user cache dir when that
 is read-only), so only a process's first call with a new cache dtype compiles.
@@ -30,13 +36,17 @@ import os
 import sys
 import types
 
+import dataclasses
+
 import torch
 
 from vllm_thinkv.errors import ThinKVError
 
 from .calls import AttentionCall, attention_op
 from .checks import attention_metadata_limits, check_attention_call
+from .torch_ops import paged_attention_torch
 
+PREFILL_TOKENS = 512  # paged_attention_cpu: sequences with more query tokens per call go to torch's SDPA
 Q_TOKENS = 16  # query tokens per job: a prefill chunk's rows share each decoded K/V tile
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q rows, partial write, merge) dominates
 
@@ -208,6 +218,52 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
     return out
 
 
+def _subset(call: AttentionCall, seqs: list[int], cu: list[int]) -> tuple[AttentionCall, slice | torch.Tensor]:
+    """The call restricted to sequences `seqs` (ascending), and where their query rows lie in call.q: a slice
+    when they are contiguous (views, no copy), else an index tensor."""
+    q_lens = [cu[s + 1] - cu[s] for s in seqs]
+    if seqs == list(range(seqs[0], seqs[-1] + 1)):
+        rows: slice | torch.Tensor = slice(cu[seqs[0]], cu[seqs[-1] + 1])
+    else:
+        rows = torch.cat([torch.arange(cu[s], cu[s + 1]) for s in seqs])
+    index = torch.tensor(seqs)
+    cu_sub = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu_sub[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+    sub = dataclasses.replace(
+        call, q=call.q[rows], block_table=call.block_table[index], cu_seqlens_q=cu_sub,
+        seq_lens=call.seq_lens[index], gaps=None if call.gaps is None else call.gaps[index],
+        max_seqlen_q=max(q_lens), max_seqlen_k=int(call.seq_lens[index].max()))
+    return sub, rows
+
+
+@attention_op
+def paged_attention_cpu(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
+    """`paged_attention` on CPU as the backend runs it: sequences with more than PREFILL_TOKENS query
+    tokens in this call (long prefill chunks) through `paged_attention_torch` (SDPA), the others
+    (decodes, short chunks) through `paged_attention_numba`; num_splits applies to the numba part.
+    Returns `out` (or a new tensor) [T, H, d]; rows past cu_seqlens_q[-1] are left untouched."""
+    shape = check_attention_call(call, out, triton_path=False)
+    attention_metadata_limits(call, shape)  # before any work: a bad call is refused whole
+    if out is None:
+        out = call.q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
+    cu = call.cu_seqlens_q.tolist()
+    long = [s for s in range(shape.num_seqs) if cu[s + 1] - cu[s] > PREFILL_TOKENS]
+    if not long:
+        return paged_attention_numba.impl(call, out, num_splits)
+    if len(long) == shape.num_seqs:
+        return paged_attention_torch.impl(call, out, None)
+    taken = set(long)
+    for seqs, impl, splits in ((long, paged_attention_torch.impl, None),
+                               ([s for s in range(shape.num_seqs) if s not in taken],
+                                paged_attention_numba.impl, num_splits)):
+        sub, rows = _subset(call, seqs, cu)
+        if isinstance(rows, slice):
+            impl(sub, out[rows], splits)  # writes through the view
+        else:
+            out[rows] = impl(sub, None, splits)
+    return out
+
+
 def kv_bytes_read(seq_lens: list[int], gaps: list[tuple[int, int]] | None, num_kv_heads: int, r: int, d: int,
                   element_size: int) -> int:
     """Bytes of K and V one decode step of these sequences reads (each kept token's r + d values per KV head,
@@ -217,4 +273,5 @@ def kv_bytes_read(seq_lens: list[int], gaps: list[tuple[int, int]] | None, num_k
     return kept * num_kv_heads * (r + d) * element_size
 
 
-__all__ = ["available", "decode_splits", "kv_bytes_read", "paged_attention_numba", "warm_up"]
+__all__ = ["PREFILL_TOKENS", "available", "decode_splits", "kv_bytes_read", "paged_attention_cpu",
+           "paged_attention_numba", "warm_up"]

@@ -1,5 +1,5 @@
 """`benchmarks/cpu_decode.py --dry-run` end to end on the tiny Llama: two engines (stock, and thinkv with
-SnapKV on the numba path) over 2 batch sizes x 2 contexts, and the op micro-benchmark, whose three
+SnapKV on the numba path) over 2 batch sizes x 2 contexts, and the op micro-benchmarks (decode, prefill chunks), whose
 implementations must agree before their times mean anything. Times themselves are not checked."""
 
 import json
@@ -72,3 +72,19 @@ def test_ops_agree(dry_run):
     assert all(k["numba_torch_max_diff"] < 0.05 for k in rows)  # bf16 outputs of unit-scale data
     at_d = [k for k in rows if k["r"] == k["d"]]
     assert at_d and all(k["vllm_ms"] and k["numba_vllm_max_diff"] < 0.05 for k in at_d), at_d
+
+
+def test_prefill_ops(dry_run):
+    """The prefill-chunk section: every chunk length at r = d and the smallest rank, the two implementations
+    agree, and the default routes by PREFILL_TOKENS (dry-run chunks lie on both sides of it only with a small
+    constant, so only the rule is checked)."""
+    from vllm_thinkv.kernels.cpu_numba import PREFILL_TOKENS
+
+    _, result, _ = dry_run
+    rows = result["prefill_ops"]
+    sizes = result["settings"]["sizes"]
+    assert {(k["r"], k["q_len"]) for k in rows} == {(r, q) for r in (rows[0]["d"], sizes["kernel_ranks"][-1])
+                                                     for q in sizes["prefill_q_lens"]}
+    assert all(k["torch_ms"] > 0 and k["numba_ms"] > 0 and k["default_ms"] > 0 for k in rows)
+    assert all(k["numba_torch_max_diff"] < 0.05 for k in rows)
+    assert all(k["default_route"] == ("torch" if k["q_len"] > PREFILL_TOKENS else "numba") for k in rows)

@@ -85,3 +85,31 @@ def test_the_issues_four_models_in_one_table(capsys, tmp_path):
     assert "| llama-3.1-70b | 131072 |" in out and "4 × 80 GiB" in out
     assert "llama-2-7b (MHA), 131072 tokens: stock 64.0 GiB per user, thin keys 40.0 GiB, saved 25.8 GB" in out
     assert "llama-3.1-8b (GQA (4 q/kv)), 131072 tokens: stock 16.0 GiB per user, thin keys 10.0 GiB, saved 6.4 GB" in out
+
+
+def test_merge_policy_counts_its_per_token_count(capsys, tiny_llama_dir):
+    """`--snapkv-policy merge`: the SnapKV columns use pages of (r + d) values + 16 bytes per token and KV
+    head, computed here by hand; the other policies keep the full cache's pages."""
+    args = [str(tiny_llama_dir / "config.json"), "--context", "4096", "--output-tokens", "96", "--kv-mem", "2",
+            "--snapkv-budget", "128", "--snapkv-window", "16", "--json"]
+    results = {}
+    for policy in ("snapkv", "keydiff", "merge"):
+        code, out, _ = run_cli(capsys, *args, "--snapkv-policy", policy)
+        assert code == 0
+        results[policy] = json.loads(out)["models"][0]
+    # tiny Llama: 4 layers, 2 KV heads, d = 64, fp32; thin default r = 16; block 16
+    for policy, extra in (("snapkv", 0), ("keydiff", 0), ("merge", 16)):
+        m = results[policy]
+        assert m["snapkv_cache_blocks"] == {"stock": 2 * 2**30 // (16 * 4 * 2 * (128 * 4 + extra)),
+                                            "thin": 2 * 2**30 // (16 * 4 * 2 * ((16 + 64) * 4 + extra))}
+        assert m["cache_blocks"] == results["snapkv"]["cache_blocks"]  # the stock and thin columns do not depend on the policy
+    seqs = {p: results[p]["contexts"][0]["max_sequences"] for p in results}
+    assert seqs["merge"]["snapkv"] < seqs["snapkv"]["snapkv"] and seqs["keydiff"] == seqs["snapkv"]
+    assert seqs["merge"]["stock"] == seqs["snapkv"]["stock"]
+
+
+def test_unknown_policy_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(capsys, "llama-3.1-8b", "--snapkv-policy", "h2o")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice: 'h2o'" in err and "merge" in err

@@ -80,3 +80,21 @@ def test_predicted_capacity_of_a_thin_hybrid_model(tmp_path):
     per_request = groups.request_blocks(trace["max_model_len"], trace["block_size"], trace["max_in_flight_tokens"])
     assert per_request < (groups.full_groups + groups.sliding_groups) * trace["max_model_len"] // trace["block_size"]
     assert trace["kv_cache_max_concurrency"] == pytest.approx(trace["num_gpu_blocks"] / per_request, rel=1e-9)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "merge"])
+def test_predicted_snapkv_capacity_counts_merge_counts(tiny_llama_dir, policy):
+    """SnapKV's cache in vLLM's allocator: the same pages as the full cache, and with `merge` a float32 count
+    per (token, KV head) padded to 16 bytes; `thinkv capacity --snapkv-policy` predicts the engine's blocks."""
+    from vllm_thinkv.snapkv.config import SnapKVConfig
+    from vllm_thinkv.snapkv.policies import row_extra_bytes
+
+    settings = {"budget": 64, "window": 8, "policy": policy}
+    trace = engine_trace(tiny_llama_dir, attention_backend="thinkv", hf_overrides={"thinkv_snapkv": settings})
+    assert trace["kv_cache_spec"] == "SnapKVSpec"
+    shape = load_shape(tiny_llama_dir)
+    extra = row_extra_bytes(SnapKVConfig.from_dict(settings))
+    assert extra == (16 if policy == "merge" else 0)
+    groups = kv_cache_groups(shape, None, trace["block_size"], row_extra_bytes=extra)
+    kv_bytes = int(BASE_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GiB
+    assert groups.blocks(kv_bytes) == pytest.approx(trace["num_gpu_blocks"], rel=0.01)

@@ -6,7 +6,7 @@ import torch
 from vllm_thinkv.backend import ops
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels import paged_attention_torch
-from vllm_thinkv.kernels.cpu_numba import paged_attention_numba
+from vllm_thinkv.kernels.cpu_numba import paged_attention_cpu
 
 select = ops.select_ops.__wrapped__  # uncached: the environment changes between cases
 
@@ -14,11 +14,11 @@ select = ops.select_ops.__wrapped__  # uncached: the environment changes between
 def test_numba_is_the_cpu_default(monkeypatch):
     monkeypatch.delenv(ops.CPU_ATTENTION_ENV, raising=False)
     chosen = select("cpu")
-    assert chosen.name == "numba" and chosen.paged_attention is paged_attention_numba
+    assert chosen.name == "numba" and chosen.paged_attention is paged_attention_cpu
     chosen.prepare(torch.float32)  # compiles (or loads) the kernels: start-up, not the first request
 
 
-@pytest.mark.parametrize("value, name, op", [("numba", "numba", paged_attention_numba),
+@pytest.mark.parametrize("value, name, op", [("numba", "numba", paged_attention_cpu),
                                              (" Torch ", "torch", paged_attention_torch)])
 def test_explicit_choice(monkeypatch, value, name, op):
     monkeypatch.setenv(ops.CPU_ATTENTION_ENV, value)

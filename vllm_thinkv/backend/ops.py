@@ -2,7 +2,9 @@
 
 CUDA: the Triton kernels. CPU (`THINKV_CPU_ATTENTION`): by default `numba`, the
 JIT-compiled kernel that reads K and V in place from the paged cache
-(`kernels.cpu_numba`); `torch`, the vectorised torch implementation of the same op
+(`kernels.cpu_numba`), for decodes and short chunks; a sequence with more than
+`cpu_numba.PREFILL_TOKENS` query tokens in a step (a long prefill chunk) goes to the
+torch path's fused SDPA instead, which is faster there (`cpu_numba.paged_attention_cpu`); `torch`, the vectorised torch implementation of the same op
 (gathers each sequence's blocks into a copy first; the readable fallback and test oracle);
 `triton`, the real Triton kernels under the interpreter (needs `TRITON_INTERPRET=1`
 set before Triton is first imported; a kernel program takes milliseconds there, so
@@ -57,7 +59,7 @@ def select_ops(device_type: str) -> AttentionOps:
     choice = os.environ.get(CPU_ATTENTION_ENV, "").strip().lower()
     if not choice:  # the default: numba where it is installed
         if cpu_numba.available():
-            return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+            return AttentionOps("numba", cpu_numba.paged_attention_cpu, kernels.write_kv_torch, gather_tokens,
                                 cpu_numba.warm_up)
         return AttentionOps("torch (numba is not installed)", kernels.paged_attention_torch, kernels.write_kv_torch,
                             gather_tokens)
@@ -75,6 +77,6 @@ def select_ops(device_type: str) -> AttentionOps:
     if choice == "numba":
         if not cpu_numba.available():
             raise ThinKVError(f"{CPU_ATTENTION_ENV}=numba needs numba (pip install numba), or choose torch")
-        return AttentionOps("numba", cpu_numba.paged_attention_numba, kernels.write_kv_torch, gather_tokens,
+        return AttentionOps("numba", cpu_numba.paged_attention_cpu, kernels.write_kv_torch, gather_tokens,
                             cpu_numba.warm_up)
     return AttentionOps("torch", kernels.paged_attention_torch, kernels.write_kv_torch, gather_tokens)

@@ -1,4 +1,4 @@
-"""`thinkv capacity MODEL_OR_CONFIG... [--rank R] [--snapkv-budget B] [--context N...] [--gpu-mem GiB]`
+"""`thinkv capacity MODEL_OR_CONFIG... [--rank R] [--snapkv-budget B] [--snapkv-policy P] [--context N...] [--gpu-mem GiB]`
 
 How many tokens and concurrent long-context requests fit in the KV cache, stock
 vs thin keys (r < d) vs SnapKV vs both, computed from the HF config alone (no
@@ -31,7 +31,8 @@ from vllm_thinkv.capacity.model import (
 )
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.results import markdown_table, today, write_json
-from vllm_thinkv.snapkv.config import SnapKVConfig
+from vllm_thinkv.snapkv.config import POLICIES, SnapKVConfig
+from vllm_thinkv.snapkv.policies import row_extra_bytes
 
 CONFIGS = ("stock", "thin", "snapkv", "thin_snapkv")
 
@@ -42,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="QK rank r of every layer (default: the checkpoint's ranks, else head_dim/4)")
     p.add_argument("--snapkv-budget", type=int, default=1024, help="SnapKV tokens kept per prompt besides the window (default 1024)")
     p.add_argument("--snapkv-window", type=int, default=32, help="SnapKV observation window, also kept (default 32)")
+    p.add_argument("--snapkv-policy", choices=POLICIES, default="snapkv",
+                   help="SnapKV compaction policy (default snapkv): `merge` caches a count per token and KV head "
+                   "(+16 bytes), which the SnapKV columns then count")
     p.add_argument("--context", type=int, nargs="+", default=[8192, 32768, 131072], metavar="N",
                    help="sequence lengths, prompt + output tokens (default 8192 32768 131072)")
     p.add_argument("--output-tokens", type=int, default=512, help="generated tokens per request, part of the context (default 512)")
@@ -61,12 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="PREFIX", help="also write PREFIX.json and PREFIX.md")
 
 
-def snapkv_config(budget: int, window: int) -> SnapKVConfig:
+def snapkv_config(budget: int, window: int, policy: str = "snapkv") -> SnapKVConfig:
     if isinstance(budget, bool) or budget <= 0:
         raise ThinKVError(f"--snapkv-budget must be a positive number of tokens, got {budget}")
     if window <= 0 or window >= budget:
         raise ThinKVError(f"--snapkv-window must be in [1, budget) = [1, {budget}), got {window}")
-    return SnapKVConfig(budget=budget, window=window)
+    return SnapKVConfig(budget=budget, window=window, policy=policy)
 
 
 def gpus_per_model(gpus: list[int], models: list[str]) -> list[int]:
@@ -79,7 +83,7 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
     """Everything the report shows for one model on `gpus` GPUs, as plain data."""
     if args.dtype != "auto":
         shape = dataclasses.replace(shape, dtype=args.dtype)
-    snap = snapkv_config(args.snapkv_budget, args.snapkv_window)
+    snap = snapkv_config(args.snapkv_budget, args.snapkv_window, args.snapkv_policy)
     check_block_size(args.block_size)
     ranks = shape.layer_ranks(args.rank)
     budget = memory_budget(shape, args.gpu_mem, gpus, args.gpu_util, args.kv_mem)
@@ -91,6 +95,9 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
     per_token = {"stock": shape.kv_bytes_per_token(sliding=growing), "thin": shape.kv_bytes_per_token(ranks, sliding=growing)}
     groups = {"stock": kv_cache_groups(shape, None, args.block_size), "thin": kv_cache_groups(shape, ranks, args.block_size)}
     blocks = {k: g.blocks(budget.kv_bytes) for k, g in groups.items()}
+    # SnapKV's cache: the same pages, plus the policy's per-row bytes (a merge count)
+    snap_blocks = {k: kv_cache_groups(shape, r, args.block_size, row_extra_bytes=row_extra_bytes(snap))
+                   .blocks(budget.kv_bytes) if not shape.hybrid else None for k, r in (("stock", None), ("thin", ranks))}
     rows = []
     for n in args.context:
         g = args.output_tokens
@@ -100,8 +107,8 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
         seqs = {k: max_sequences(blocks[k], prompt, g, args.block_size, groups=groups[k],
                                  in_flight_tokens=args.in_flight_tokens) for k in ("stock", "thin")}
         if not shape.hybrid:  # thinkv serves no SnapKV on sliding-window models
-            seqs.update(snapkv=max_sequences(blocks["stock"], prompt, g, args.block_size, snap),
-                        thin_snapkv=max_sequences(blocks["thin"], prompt, g, args.block_size, snap))
+            seqs.update(snapkv=max_sequences(snap_blocks["stock"], prompt, g, args.block_size, snap),
+                        thin_snapkv=max_sequences(snap_blocks["thin"], prompt, g, args.block_size, snap))
         user = {"stock": shape.request_bytes(n), "thin": shape.request_bytes(n, ranks)}
         rows.append({
             "context": n,
@@ -143,6 +150,7 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
         "kv_bytes_per_token": per_token,
         "tokens_per_gib": {k: GiB // v for k, v in per_token.items()},
         "cache_blocks": blocks,
+        "snapkv_cache_blocks": snap_blocks,
         "cache_tokens": {k: v * args.block_size for k, v in blocks.items()},
         "contexts": rows,
     }
@@ -193,8 +201,11 @@ def markdown(result: dict[str, Any]) -> str:
         "(vLLM profiles them; its real budget is a few GiB lower).",
         f"- Block size {s['block_size']}; blocks = KV bytes // (block_size × bytes per token); one block is vLLM's null block.",
         f"- Context = prompt + {s['output_tokens']} output tokens; a request holds all of them at its end.",
-        f"- SnapKV: a compacted prompt keeps budget {s['snapkv_budget']} + window {s['snapkv_window']} tokens. "
-        "Prefill peak is unchanged: one request at a time holds its whole prompt while it is prefilled.",
+        f"- SnapKV (policy `{s.get('snapkv_policy', 'snapkv')}`): a compacted prompt keeps budget {s['snapkv_budget']} + "
+        f"window {s['snapkv_window']} tokens. Prefill peak is unchanged: one request at a time holds its whole prompt "
+        "while it is prefilled."
+        + (" `merge` caches one float32 count per token and KV head, padded to 16 bytes, so its cache holds fewer "
+           "blocks for the same bytes." if s.get("snapkv_policy") == "merge" else ""),
         "- † context beyond the model's max_position_embeddings (needs RoPE scaling such as YaRN).",
         *(["- ‡ Sliding-window models (vLLM's hybrid allocator): bytes and tokens per GiB count the full-attention "
            "layers only, the ones that grow with the context; a sliding layer holds at most its window per request. "
@@ -271,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
             "output_tokens": args.output_tokens,
             "snapkv_budget": args.snapkv_budget,
             "snapkv_window": args.snapkv_window,
+            "snapkv_policy": args.snapkv_policy,
             "gpu_mem": args.gpu_mem,
             "budget_rule": models[0]["kv_budget_assumption"] if args.kv_mem is not None else
             f"KV budget = GPUs ({'column GPUs' if len(set(gpus)) > 1 else gpus[0]}) × GPU memory ({args.gpu_mem:g} GiB) "

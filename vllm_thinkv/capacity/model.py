@@ -326,11 +326,13 @@ class KVCacheGroups:
 
 
 def kv_cache_groups(shape: ModelShape, ranks: Sequence[int] | None, block_size: int,
-                    dtype_bytes: int | None = None) -> KVCacheGroups:
-    """The groups vLLM makes of `shape`'s layers at these QK ranks (None: stock, r = d)."""
+                    dtype_bytes: int | None = None, row_extra_bytes: int = 0) -> KVCacheGroups:
+    """The groups vLLM makes of `shape`'s layers at these QK ranks (None: stock, r = d); row_extra_bytes:
+    what each cached (token, KV head) row holds besides its r + d values (a merging SnapKV policy's count,
+    `snapkv.policies.row_extra_bytes`)."""
     b = dtype_bytes or shape.dtype_bytes
     rs = tuple(ranks) if ranks is not None else (shape.head_dim,) * shape.num_layers
-    pages = [block_size * shape.num_kv_heads * (r + shape.head_dim) * b for r in rs]
+    pages = [block_size * shape.num_kv_heads * ((r + shape.head_dim) * b + row_extra_bytes) for r in rs]
     n_sliding = sum(shape.sliding)
     if n_sliding in (0, shape.num_layers):  # one attention type: one group of every layer
         return KVCacheGroups(shape.num_layers, int(n_sliding == 0), int(n_sliding > 0), sum(pages),

@@ -39,7 +39,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv.config import SnapKVConfig
 from vllm_thinkv.snapkv.budgets import RequestBudget, kept_len, request_budget
-from vllm_thinkv.snapkv.policies import merges
+from vllm_thinkv.snapkv.policies import COUNT_BYTES, row_extra_bytes
 from vllm_thinkv.snapkv.requests import warn_if_capped
 
 
@@ -127,9 +127,6 @@ class SnapKVManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
-COUNT_BYTES = 16  # per (slot, KV head) row with a merging policy: one float32 ln(count), padded to 16 bytes
-
-
 def split_packed(kv: torch.Tensor, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A layer's cache, vLLM's logical view [B, Hkv, N, C] (C = r + d, or r + d + COUNT_BYTES / element
     size with counts) -> key [B, N, Hkv, r], value [B, N, Hkv, d] and the float32 ln-counts [B, N, Hkv]
@@ -148,8 +145,9 @@ def snapkv_spec(spec: FullAttentionSpec, snapkv_config: SnapKVConfig) -> SnapKVS
     with a manager that never frees (the plugin's registration failed)."""
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    if merges(snapkv_config) and spec.state_content_bytes is None:  # (None: dense K/V rows, not yet widened)
-        spec = replace(spec, state_content_bytes=spec.state_content_size_bytes + COUNT_BYTES)
+    extra = row_extra_bytes(snapkv_config)
+    if extra and spec.state_content_bytes is None:  # (None: dense K/V rows, not yet widened)
+        spec = replace(spec, state_content_bytes=spec.state_content_size_bytes + extra)
     out = SnapKVSpec.from_spec(spec, snapkv_config)
     manager = KVCacheSpecRegistry.get_manager_class(out)
     if manager is not SnapKVManager:

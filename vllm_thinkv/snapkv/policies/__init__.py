@@ -25,10 +25,21 @@ def make_policy(config: SnapKVConfig) -> Policy:
     return REGISTRY[config.policy].from_config(config)
 
 
+# Per (slot, KV head) row of a merging policy's cache: one float32 ln(count), padded to 16 bytes so that the
+# row's K and V stay 16-byte aligned (the layout: `snapkv.kv_cache`).
+COUNT_BYTES = 16
+
+
 def merges(config: SnapKVConfig) -> bool:
     """Whether the deployment's policy merges tokens: its cache then holds a log-count per slot and KV head."""
     return REGISTRY[config.policy].merges
 
 
-__all__ = ["REGISTRY", "KeyDiffPolicy", "MergePolicy", "merges", "Policy", "PromptKV", "RecentPolicy", "Selection", "SnapKVPolicy",
+def row_extra_bytes(config: SnapKVConfig | None) -> int:
+    """Bytes each cached (token, KV head) row carries besides its r + d values under these settings
+    (vLLM's page size and the capacity model both count them)."""
+    return COUNT_BYTES if config is not None and merges(config) else 0
+
+
+__all__ = ["COUNT_BYTES", "REGISTRY", "row_extra_bytes", "KeyDiffPolicy", "MergePolicy", "merges", "Policy", "PromptKV", "RecentPolicy", "Selection", "SnapKVPolicy",
            "ValueAwarePolicy", "make_policy", "top_tokens"]
