@@ -30,13 +30,12 @@ is read-only), so only a process's first call with a new cache dtype compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
 import sys
 import types
-
-import dataclasses
 
 import torch
 

