@@ -3,8 +3,10 @@ with one key shared by groups of KV heads (`key_share`: q/k key_share * r dims).
 
 `paged_attention` / `write_kv` are the Triton ops (CUDA, or the Triton interpreter);
 `paged_attention_torch` / `write_kv_torch` are the same ops in vectorised torch (the
-readable CPU fallback); `cpu_numba.paged_attention_numba` is the default CPU attention,
-a numba kernel reading the paged cache in place (numba is imported on first use); `reference` holds the float64 oracles the tests compare both against.
+readable CPU fallback); `cpu_numba.paged_attention_numba` is a numba kernel reading the paged
+cache in place (numba is imported on first use), and `cpu_numba.paged_attention_cpu`, the default
+CPU attention, runs it for decodes and short chunks and the torch op for long prefill chunks;
+`reference` holds the float64 oracles the tests compare them against.
 All three share each op's signature and argument record (`calls`); `launch` is the
 tuning table, `testing` builds poisoned random paged batches.
 This package never imports vLLM.
