@@ -53,7 +53,8 @@ from vllm_thinkv.capacity.model import DTYPE_BYTES, load_shape
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf.text import read_texts
 from vllm_thinkv.kernels import paged_attention_torch
-from vllm_thinkv.kernels.cpu_numba import PREFILL_TOKENS, kv_bytes_read, paged_attention_cpu, paged_attention_numba
+from vllm_thinkv.kernels.cpu_numba import (PREFILL_TOKENS, goes_to_torch, kv_bytes_read, paged_attention_cpu,
+                                           paged_attention_numba)
 from vllm_thinkv.kernels.testing import PagedBatch, packed_kv_cache
 from vllm_thinkv.snapkv.config import SnapKVConfig
 
@@ -239,7 +240,7 @@ def prefill_sweep(shape, sizes: Sizes, block_size: int, log) -> list[dict]:
             diff = (paged_attention_numba(*pb.args()).float() - paged_attention_torch(*pb.args()).float())
             row = {"dtype": "bfloat16", "context": context, "q_len": q_len, "r": r, "d": d,
                    **{f"{k}_ms": v for k, v in timed.items()}, "numba_vs_torch": timed["torch"] / timed["numba"],
-                   "default_route": "torch" if q_len > PREFILL_TOKENS else "numba",
+                   "default_route": "torch" if goes_to_torch(q_len) else "numba",
                    "prefill_tokens": PREFILL_TOKENS, "numba_torch_max_diff": float(diff.abs().max())}
             rows.append(row)
             log(f"  prefill op r{r} ctx {context} chunk {row['q_len']}: torch {timed['torch']:8.2f} ms  numba "

