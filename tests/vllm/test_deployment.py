@@ -215,3 +215,20 @@ def test_sliding_window_deployments(tiny_llama_dir):
     with pytest.raises(ThinKVError, match="value head dim d=72 is unsupported"):
         ThinKVBackend.customize_spec(SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=32, head_size_v=72,
                                                        dtype=torch.float32, sliding_window=64))
+
+
+def test_impl_compiles_the_cpu_kernel_for_the_layers_head_sizes(monkeypatch):
+    """vLLM hands the impl the query/key head size r only; thinkv's models pass d as the extra impl argument
+    `value_head_size` (other models have d = r), and the impl compiles the CPU kernel for (dtype, r, d) at
+    construction, not in the first request."""
+    import dataclasses
+
+    from vllm_thinkv.backend import impl as impl_module
+    from vllm_thinkv.backend.ops import select_ops
+
+    prepared = []
+    recording = dataclasses.replace(select_ops("cpu"), prepare=lambda dtype, r, d: prepared.append((dtype, r, d)))
+    monkeypatch.setattr(impl_module, "select_ops", lambda device_type: recording)
+    impl_module.ThinKVImpl(num_heads=4, head_size=16, scale=0.1, num_kv_heads=2, value_head_size=64)
+    impl_module.ThinKVImpl(num_heads=4, head_size=32, scale=0.1, num_kv_heads=2)
+    assert prepared == [(torch.get_default_dtype(), 16, 64), (torch.get_default_dtype(), 32, 32)]

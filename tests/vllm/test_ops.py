@@ -15,7 +15,7 @@ def test_numba_is_the_cpu_default(monkeypatch):
     monkeypatch.delenv(ops.CPU_ATTENTION_ENV, raising=False)
     chosen = select("cpu")
     assert chosen.name == "numba" and chosen.paged_attention is paged_attention_cpu
-    chosen.prepare(torch.float32)  # compiles (or loads) the kernels: start-up, not the first request
+    chosen.prepare(torch.float32, 16, 64)  # compiles (or loads) the kernels: start-up, not the first request
 
 
 @pytest.mark.parametrize("value, name, op", [("numba", "numba", paged_attention_cpu),

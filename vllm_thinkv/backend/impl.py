@@ -78,6 +78,8 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
             raise _unsupported("chunked attention with lookback")
         # key_share: the thin models' shared key latent (`models.attention`), S KV-head slots per key
         key_share = extra_impl_args.pop("key_share", 1)
+        # d, which vLLM does not pass to the impl: thinkv's models pass it; other models have d = r
+        value_head_size = extra_impl_args.pop("value_head_size", head_size)
         unknown = {k: v for k, v in extra_impl_args.items() if k not in ("sinks", "chunk_lookback") and v}
         if unknown:
             raise _unsupported(f"the attention options {sorted(unknown)}")
@@ -98,7 +100,8 @@ class ThinKVImpl(AttentionImpl[ThinKVMetadata]):
         self.ops = select_ops("cpu" if current_platform.is_cpu() else "cuda")
         logger.info_once("thinkv attention backend: %s ops", self.ops.name)
         # The model dtype is the cache's (the kernels read K/V in q's dtype); vLLM builds layers under it.
-        self.ops.prepare(torch.get_default_dtype() if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype))
+        self.ops.prepare(torch.get_default_dtype() if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype),
+                         head_size, value_head_size)
         # Made on the first step that carries a SnapKV plan, from the settings the
         # plan carries (the KV-cache spec's, through the metadata builder).
         self.snapkv_layer: SnapKVLayer | None = None

@@ -39,8 +39,9 @@ class AttentionOps:
     write_kv: Callable[..., None]
     # (cache [B, N, Hkv, D], block ids, start, end) -> tokens [end - start, Hkv, D]; torch on every device
     gather_tokens: Callable[..., torch.Tensor]
-    # called at layer construction with the cache dtype: JIT ops compile at start-up, not in a request
-    prepare: Callable[[torch.dtype], None] = lambda dtype: None
+    # called at layer construction with the cache dtype and the head sizes (r, d): JIT ops compile at
+    # start-up, not in a request
+    prepare: Callable[[torch.dtype, int, int], None] = lambda dtype, r, d: None
 
 
 @functools.cache

@@ -107,11 +107,12 @@ class ThinKVAttention(nn.Module):
                                        rope_parameters=rope_parameters, is_neox_style=True)
             self.q_basis = self._kv_head_parameter((self.num_kv_heads, d, share * r), None)
             self.k_basis = self._kv_head_parameter((self.num_kv_heads // share, share * d, share * r), None)
-        shared = {"key_share": share} if share > 1 else {}  # an extra impl argument, for the backend alone
+        # extra impl arguments, for the backend alone: vLLM hands its impl the query/key head size only
+        extra = {"value_head_size": d, **({"key_share": share} if share > 1 else {})}
         scale = config.query_pre_attn_scalar**-0.5 if gemma else d**-0.5  # the original model's
         self.attn = Attention(self.num_heads, r, scale, num_kv_heads=self.num_kv_heads, cache_config=cache_config,
                               quant_config=quant_config, prefix=f"{prefix}.attn", attn_type=attn_type,
-                              per_layer_sliding_window=sliding_window, attn_backend=backend, head_size_v=d, **shared)
+                              per_layer_sliding_window=sliding_window, attn_backend=backend, head_size_v=d, **extra)
 
     def _kv_head_parameter(self, shape: tuple[int, ...], dtype: torch.dtype | None) -> nn.Parameter:
         """A per-KV-head tensor; each tensor-parallel rank loads its KV heads' rows."""
