@@ -29,7 +29,7 @@ Thin forms (how the thin model computes q·k; see `vllm_thinkv.hf.thin_attention
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,20 @@ def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> Non
         raise ThinKVError(f"{what} {rank} is not supported: it must be a multiple of {QK_MULTIPLE} from "
                           f"{QK_MULTIPLE} to {top} ({limit})")
 
+
+
+def allocated_ranks(ranks: Sequence[int], sliding: Sequence[bool]) -> tuple[int, ...]:
+    """The QK rank each layer's KV page is allocated for, given which layers slide.
+
+    A model with both sliding-window and full-attention layers goes through vLLM's hybrid
+    allocator, which unifies page sizes (`unify_kv_cache_spec_page_size`, vLLM 0.32 and 0.33):
+    a page of r + d rows never divides a wider one (r_max + d < 2(r + d)), so every page is
+    padded to the widest. Per-layer ranks there save only what the widest rank saves (measured:
+    a tiny Gemma 3 at ranks 64/16/64/16 gets the blocks of r = d = 64). Elsewhere each layer's
+    page is its own."""
+    if 0 < sum(map(bool, sliding)) < len(sliding):
+        return (max(ranks),) * len(ranks)
+    return tuple(ranks)
 
 def check_share_group(share_group: Any, ranks: tuple[int, ...] | list[int], method: str) -> None:
     """A shared key is S·r wide per query head: S a positive integer, S·r within the kernels' limit."""

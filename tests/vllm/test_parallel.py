@@ -56,7 +56,8 @@ def thin_checkpoint(src, out, method: str, ranks: list[int]):
     tok = AutoTokenizer.from_pretrained(src)
     request = CompressRequest(method=method, rank=ranks[0], calib_tokens=2048, calib_ctx=256)
     windows, provenance = calibration_windows(tok, request)
-    wanted = ThinKVConfig(method=method, form=form_for(method, "LlamaForCausalLM"), ranks=tuple(ranks), head_dim=64)
+    wanted = ThinKVConfig(method=method, form=form_for(method, model.config.architectures[0]), ranks=tuple(ranks),
+                          head_dim=model.config.head_dim)
     cfg, tensors = compress_model(model, wanted, windows, progress=False, provenance=provenance)
     make_thin(model, cfg, tensors)
     return write_checkpoint(model, src, out)

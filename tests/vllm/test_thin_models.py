@@ -10,7 +10,9 @@ from transformers import AutoTokenizer
 
 from tests.compress.models import tiny_model
 from tests.tiny import build_tiny_gemma3, build_tokenizer
-from tests.vllm.engine import ENGINE, EngineFailed, prompts_from_text, run_engine
+from tests.vllm.engine import BASE_ENV, ENGINE, EngineFailed, prompts_from_text, run_engine
+from tests.vllm.test_parallel import thin_checkpoint
+from vllm_thinkv.capacity.model import GiB, kv_cache_groups, load_shape
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.hf import load
 from vllm_thinkv.hf.text import packaged_text, text_prefix
@@ -24,7 +26,7 @@ def compress(src, out, method: str, rank: int, *extra: str):
     return out
 
 
-def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> tuple[float, dict]:
+def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None, log=None) -> tuple[float, dict]:
     """Max |prompt log-prob difference| between vLLM and the transformers reference, on prompts
     that start as the tokenizer starts a text (Gemma's <bos>; nothing for the others)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -32,7 +34,7 @@ def prompt_logprob_error(model_dir, lengths=(40, 90, 200, 300), engine=None) -> 
     # No --attention-backend: a thin model must pick the thinkv backend by itself.
     spec = {"model": str(model_dir), "engine": {**ENGINE, "block_size": 16, **(engine or {})},
             "batches": [prompts], "max_tokens": 1, "prompt_logprobs": 0}
-    run = run_engine(spec)
+    run = run_engine(spec, log=log)
     reference = load(model_dir)
     worst = 0.0
     for result in run["results"]:
@@ -61,6 +63,28 @@ def test_thin_checkpoint_matches_transformers(tmp_path, arch, method, rank):
     error, run = prompt_logprob_error(thin)
     assert run["attention_impls"] == [THINKV_IMPL]
     assert error < 1e-3, error
+
+
+def test_hybrid_model_with_per_layer_ranks_is_served_with_pages_padded_to_the_widest(tmp_path):
+    """A tiny Gemma 3 whose full-attention layers are thin (r = 16) and sliding layers not (r = d = 64).
+    vLLM's hybrid allocator pads every page to the widest (`config.allocated_ranks`): the thin layers'
+    padded pages are read through strided views and must still match transformers, the cache holds
+    the blocks of r = d, `thinkv capacity` predicts them, and the engine says so at start-up."""
+    src = build_tiny_gemma3(tmp_path / "gemma3", sliding_window=32)  # sliding, full, sliding, full
+    ranks = [64, 16, 64, 16]
+    thin = thin_checkpoint(src, tmp_path / "thin", "pca", ranks)
+    error, run = prompt_logprob_error(thin, log=tmp_path / "engine.log")
+    assert run["attention_impls"] == [THINKV_IMPL]
+    assert error < 1e-3, error
+    kv_bytes, b = int(BASE_ENV["VLLM_CPU_KVCACHE_SPACE"]) * GiB, run["block_size"]
+    # by hand: 2-layer groups (1 full, 1 sliding), a block = 2 pages of b tokens x 1 KV head x (64 + 64) fp32
+    assert run["num_gpu_blocks"] == pytest.approx(kv_bytes / (2 * b * (64 + 64) * 4), rel=0.01)
+    shape = load_shape(thin)
+    assert shape.layer_ranks(None) == tuple(ranks)
+    assert kv_cache_groups(shape, ranks, b).blocks(kv_bytes) == pytest.approx(run["num_gpu_blocks"], rel=0.01)
+    log = (tmp_path / "engine.log").read_text()
+    assert "sliding layers: [64]; full-attention layers: [16]" in log
+    assert "pads every layer's KV page to the widest" in log
 
 
 @pytest.fixture(scope="module")

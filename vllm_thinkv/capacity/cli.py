@@ -29,6 +29,7 @@ from vllm_thinkv.capacity.model import (
     num_blocks,
     shipped_models,
 )
+from vllm_thinkv.config import allocated_ranks
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.results import markdown_table, today, write_json
 from vllm_thinkv.snapkv.config import POLICIES, SnapKVConfig
@@ -85,7 +86,8 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
         shape = dataclasses.replace(shape, dtype=args.dtype)
     snap = snapkv_config(args.snapkv_budget, args.snapkv_window, args.snapkv_policy)
     check_block_size(args.block_size)
-    ranks = shape.layer_ranks(args.rank)
+    own_ranks = shape.layer_ranks(args.rank)
+    ranks = allocated_ranks(own_ranks, shape.sliding)  # what vLLM allocates (a hybrid model pads to the widest)
     budget = memory_budget(shape, args.gpu_mem, gpus, args.gpu_util, args.kv_mem)
     if args.in_flight_tokens <= 0:
         raise ThinKVError(f"--in-flight-tokens must be positive, got {args.in_flight_tokens}")
@@ -141,7 +143,9 @@ def analyse(shape: ModelShape, args: argparse.Namespace, gpus: int = 1) -> dict[
         "dtype": shape.dtype,
         "max_position_embeddings": shape.max_position_embeddings,
         "ranks": list(ranks),
-        "rank_label": rank_label(ranks, shape.head_dim),
+        "rank_label": rank_label(ranks, shape.head_dim) + (
+            f" (checkpoint: {rank_label(own_ranks, shape.head_dim)}, pages padded to the widest by vLLM's hybrid "
+            "allocator)" if ranks != own_ranks else ""),
         "gpus": None if args.kv_mem is not None else gpus,
         "params": shape.param_count(),
         "weights_gib": None if budget.weights_bytes is None else budget.weights_bytes / GiB,

@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from vllm_thinkv.config import ThinKVConfig, check_rank
+from vllm_thinkv.config import ThinKVConfig, allocated_ranks, check_rank
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.kernels.checks import BLOCK_SIZE_MULTIPLE, SUPPORTED_DTYPES
 from vllm_thinkv.snapkv.config import SnapKVConfig
@@ -301,7 +301,7 @@ class KVCacheGroups:
     Full-attention models: one group of all layers. Hybrid models (vLLM's
     `_get_kv_cache_groups_uniform_page_size`): the layers of each type are split into groups of
     `group_layers` layers, the smaller type's count (the larger one's if it is below 1.5 times it),
-    a type's last group padded."""
+    a type's last group padded; every page is padded to the widest layer's (`config.allocated_ranks`)."""
 
     group_layers: int
     full_groups: int
@@ -331,18 +331,12 @@ def kv_cache_groups(shape: ModelShape, ranks: Sequence[int] | None, block_size: 
     what each cached (token, KV head) row holds besides its r + d values (a merging SnapKV policy's count,
     `snapkv.policies.row_extra_bytes`)."""
     b = dtype_bytes or shape.dtype_bytes
-    rs = tuple(ranks) if ranks is not None else (shape.head_dim,) * shape.num_layers
+    rs = allocated_ranks(ranks if ranks is not None else (shape.head_dim,) * shape.num_layers, shape.sliding)
     pages = [block_size * shape.num_kv_heads * ((r + shape.head_dim) * b + row_extra_bytes) for r in rs]
     n_sliding = sum(shape.sliding)
     if n_sliding in (0, shape.num_layers):  # one attention type: one group of every layer
         return KVCacheGroups(shape.num_layers, int(n_sliding == 0), int(n_sliding > 0), sum(pages),
                              shape.sliding_window if n_sliding else None)
-    if len(set(pages)) > 1:
-        raise ThinKVError(
-            f"{shape.name}: per-layer QK ranks ({sorted(set(rs))}) on a model with sliding-window layers: vLLM "
-            "packs mixed page sizes of a hybrid model differently, which this capacity model does not model; "
-            "use one rank for every layer (--rank)"
-        )
     n_full = shape.num_layers - n_sliding
     group = min(n_full, n_sliding)
     if max(n_full, n_sliding) < 1.5 * group:
