@@ -102,6 +102,10 @@ def check_rank(rank: int, head_dim: int, method: str, what: str = "rank") -> Non
                           f"{QK_MULTIPLE} to {top} ({limit})")
 
 
+def sliding_layers(hf_config: Any) -> tuple[bool, ...]:
+    """Per layer: does it attend over a sliding window (the HF config's `layer_types`; empty without)?"""
+    return tuple(t == "sliding_attention" for t in getattr(hf_config, "layer_types", None) or ())
+
 
 def allocated_ranks(ranks: Sequence[int], sliding: Sequence[bool]) -> tuple[int, ...]:
     """The QK rank each layer's KV page is allocated for, given which layers slide.
@@ -115,6 +119,7 @@ def allocated_ranks(ranks: Sequence[int], sliding: Sequence[bool]) -> tuple[int,
     if 0 < sum(map(bool, sliding)) < len(sliding):
         return (max(ranks),) * len(ranks)
     return tuple(ranks)
+
 
 def check_share_group(share_group: Any, ranks: tuple[int, ...] | list[int], method: str) -> None:
     """A shared key is S·r wide per query head: S a positive integer, S·r within the kernels' limit."""

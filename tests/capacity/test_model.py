@@ -18,7 +18,7 @@ from vllm_thinkv.capacity.model import (
     shipped_models,
 )
 from vllm_thinkv.cli import main
-from vllm_thinkv.config import allocated_ranks
+from vllm_thinkv.config import allocated_ranks, sliding_layers
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv import SnapKVConfig
 
@@ -176,6 +176,9 @@ def test_sliding_window_configs():
     assert allocated_ranks([64, 128], [False, False]) == (64, 128)
     assert allocated_ranks([64, 128], [True, True]) == (64, 128)
     assert allocated_ranks([64, 128, 32], [True, False, True]) == (128, 128, 128)
+    types = GEMMA3_270M["layer_types"]
+    assert sliding_layers(AutoConfig.for_model("gemma3_text", num_hidden_layers=len(types), layer_types=types)) == tuple(t != "full_attention" for t in types)
+    assert sliding_layers(AutoConfig.for_model("llama")) == ()
 
 
 def test_gemma3_parameter_count_matches_transformers():

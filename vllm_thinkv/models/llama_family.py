@@ -34,6 +34,7 @@ from vllm_thinkv.config import (
     check_tensor_parallel,
     expected_shapes,
     parse_thinkv_section,
+    sliding_layers,
 )
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.models.attention import ThinKVAttention
@@ -88,8 +89,8 @@ def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None
 def warn_padded_pages(thin: ThinKVConfig, hf_config) -> None:
     """Per-layer ranks on a model with sliding-window and full-attention layers save only what the widest
     saves (`config.allocated_ranks`): the model serves correctly, so say it at start-up rather than refuse."""
-    sliding = [t == "sliding_attention" for t in getattr(hf_config, "layer_types", None) or []]
-    if len(sliding) != len(thin.ranks) or allocated_ranks(thin.ranks, sliding) == tuple(thin.ranks):
+    sliding = sliding_layers(hf_config)
+    if allocated_ranks(thin.ranks, sliding) == tuple(thin.ranks):
         return
     logger.warning(
         "thinkv: this checkpoint's QK ranks differ across the layers of a model with sliding-window and "
