@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"KV cache: {capacity_gain(allocated, cfg.head_dim):.2f}x the tokens of the original in the same memory")
     if allocated != tuple(cfg.ranks):
         print(f"warning: per-layer ranks on a model with sliding-window and full-attention layers: vLLM pads every "
-              f"layer's KV page to the widest (r = {allocated[0]}), so only one --rank for every layer saves more")
+              f"layer's KV page to the widest (r = {allocated[0]}), the smaller ranks save no memory; use one "
+              "--rank for every layer to shrink the cache")
     print(f"serve it with: {serve_command()} {out}  (thin checkpoints always use the thinkv backend)")
     return 0
