@@ -121,6 +121,21 @@ def allocated_ranks(ranks: Sequence[int], sliding: Sequence[bool]) -> tuple[int,
     return tuple(ranks)
 
 
+def padded_pages_warning(ranks: Sequence[int], sliding: Sequence[bool]) -> str | None:
+    """What `thinkv compress` and engine start-up say when `allocated_ranks` pads these ranks (None if not):
+    the checkpoint serves correctly, so a warning with the fix rather than a refusal."""
+    if allocated_ranks(ranks, sliding) == tuple(ranks):
+        return None
+    return (
+        "thinkv: this checkpoint's QK ranks differ across the layers of a model with sliding-window and "
+        f"full-attention layers (sliding layers: {sorted({r for r, s in zip(ranks, sliding) if s})}; "
+        f"full-attention layers: {sorted({r for r, s in zip(ranks, sliding) if not s})}). vLLM's hybrid "
+        "allocator pads every layer's KV page to the widest, so the cache holds as many tokens as with "
+        f"r = {max(ranks)} in every layer: the smaller ranks save no memory. Compress with one --rank for "
+        "every layer to shrink the cache."
+    )
+
+
 def check_share_group(share_group: Any, ranks: tuple[int, ...] | list[int], method: str) -> None:
     """A shared key is S·r wide per query head: S a positive integer, S·r within the kernels' limit."""
     if isinstance(share_group, bool) or not isinstance(share_group, int) or share_group < 1:

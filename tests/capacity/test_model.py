@@ -18,7 +18,7 @@ from vllm_thinkv.capacity.model import (
     shipped_models,
 )
 from vllm_thinkv.cli import main
-from vllm_thinkv.config import allocated_ranks, sliding_layers
+from vllm_thinkv.config import allocated_ranks, padded_pages_warning, sliding_layers
 from vllm_thinkv.errors import ThinKVError
 from vllm_thinkv.snapkv import SnapKVConfig
 
@@ -176,6 +176,11 @@ def test_sliding_window_configs():
     assert allocated_ranks([64, 128], [False, False]) == (64, 128)
     assert allocated_ranks([64, 128], [True, True]) == (64, 128)
     assert allocated_ranks([64, 128, 32], [True, False, True]) == (128, 128, 128)
+    # ... which `thinkv compress` and engine start-up say, naming each layer type's ranks
+    assert padded_pages_warning([64, 128], [False, False]) is None
+    assert padded_pages_warning([64, 64], [True, False]) is None
+    warning = padded_pages_warning([64, 128, 32], [True, False, True])
+    assert "(sliding layers: [32, 64]; full-attention layers: [128])" in warning and "r = 128 in every layer" in warning
     types = GEMMA3_270M["layer_types"]
     assert sliding_layers(AutoConfig.for_model("gemma3_text", num_hidden_layers=len(types), layer_types=types)) == tuple(t != "full_attention" for t in types)
     assert sliding_layers(AutoConfig.for_model("llama")) == ()

@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from vllm_thinkv.config import METHODS, CompressRequest, allocated_ranks, sliding_layers
+from vllm_thinkv.config import METHODS, CompressRequest, allocated_ranks, padded_pages_warning, sliding_layers
 from vllm_thinkv.errors import ThinKVError
 
 log = logging.getLogger("vllm_thinkv.compress")
@@ -116,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
     if target and "original_ppl" in target:
         ppl = target["ppl_by_mean_rank"][str(int(cfg.mean_rank))] if cfg.mean_rank.is_integer() else None
         print(f"held-out PPL {ppl} against {target['original_ppl']} for the original (target +{target['ppl_increase']:.1%})")
-    allocated = allocated_ranks(cfg.ranks, sliding_layers(model.config))
-    print(f"KV cache: {capacity_gain(allocated, cfg.head_dim):.2f}x the tokens of the original in the same memory")
-    if allocated != tuple(cfg.ranks):
-        print(f"warning: per-layer ranks on a model with sliding-window and full-attention layers: vLLM pads every "
-              f"layer's KV page to the widest (r = {allocated[0]}), the smaller ranks save no memory; use one "
-              "--rank for every layer to shrink the cache")
+    sliding = sliding_layers(model.config)
+    print(f"KV cache: {capacity_gain(allocated_ranks(cfg.ranks, sliding), cfg.head_dim):.2f}x the tokens of the "
+          "original in the same memory")
+    padded = padded_pages_warning(cfg.ranks, sliding)
+    if padded:
+        print(f"warning: {padded}")
     print(f"serve it with: {serve_command()} {out}  (thin checkpoints always use the thinkv backend)")
     return 0

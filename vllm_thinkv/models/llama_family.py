@@ -28,11 +28,11 @@ from vllm_thinkv.backend.deployment import thin_model_backend
 from vllm_thinkv.config import (
     CompressRequest,
     ThinKVConfig,
-    allocated_ranks,
     check_architecture,
     check_load_time_parallel,
     check_tensor_parallel,
     expected_shapes,
+    padded_pages_warning,
     parse_thinkv_section,
     sliding_layers,
 )
@@ -86,22 +86,6 @@ def warn_beyond_fitted_positions(thin: ThinKVConfig, max_model_len: int) -> None
         )
 
 
-def warn_padded_pages(thin: ThinKVConfig, hf_config) -> None:
-    """Per-layer ranks on a model with sliding-window and full-attention layers save only what the widest
-    saves (`config.allocated_ranks`): the model serves correctly, so say it at start-up rather than refuse."""
-    sliding = sliding_layers(hf_config)
-    if allocated_ranks(thin.ranks, sliding) == tuple(thin.ranks):
-        return
-    logger.warning(
-        "thinkv: this checkpoint's QK ranks differ across the layers of a model with sliding-window and "
-        "full-attention layers (sliding layers: %s; full-attention layers: %s). vLLM's hybrid allocator pads "
-        "every layer's KV page to the widest, so the cache holds as many tokens as with r = %d in every layer: "
-        "the smaller ranks save no memory. Compress with one --rank for every layer to shrink the cache.",
-        sorted({r for r, s in zip(thin.ranks, sliding) if s}), sorted({r for r, s in zip(thin.ranks, sliding) if not s}),
-        max(thin.ranks),
-    )
-
-
 def prepare_thin(vllm_config) -> tuple[ThinKVConfig, type, dict | None]:
     """The thin section (compressing the original checkpoint first for a load-time request),
     the backend class every thin layer uses, and the load-time tensors (None for a thin checkpoint)."""
@@ -118,7 +102,9 @@ def prepare_thin(vllm_config) -> tuple[ThinKVConfig, type, dict | None]:
     thin, thin_tensors = ((section, None) if isinstance(section, ThinKVConfig)
                           else _compress_at_load(vllm_config, section))
     warn_beyond_fitted_positions(thin, vllm_config.model_config.max_model_len)
-    warn_padded_pages(thin, vllm_config.model_config.hf_config)
+    padded = padded_pages_warning(thin.ranks, sliding_layers(vllm_config.model_config.hf_config))
+    if padded:
+        logger.warning(padded)
     return thin, backend, thin_tensors
 
 
